@@ -318,7 +318,7 @@ def resolve_checkpoint(path_or_repo_id):
         from huggingface_hub import snapshot_download
         return snapshot_download(s, allow_patterns=HUB_PATTERNS)
     except Exception as e:  # offline, unknown repo, gated...: one message, not a stack of them
-        raise OSError(f"could not fetch {s!r} from the Hugging Face Hub ({type(e).__name__}: {str(e)[:300]}); "
+        raise OSError(f"could not fetch {s!r} from the Hugging Face Hub ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
                       "pass a local checkpoint directory instead") from None
 
 

@@ -1,0 +1,165 @@
+"""GRPO: group-relative advantages, chunked token log-probs, and the per-token clipped loss with k3 KL.
+
+The objective (DeepSeekMath, arXiv 2402.03300, eq. 3), maximised over theta, for a question q and a group of
+G outputs o_1..o_G sampled from pi_old:
+
+    J(theta) = E[ 1/G sum_i 1/|o_i| sum_t { min( r_it * A_it, clip(r_it, 1-eps, 1+eps) * A_it ) - beta * D_it } ]
+    r_it  = pi_theta(o_it | q, o_i,<t) / pi_old(o_it | q, o_i,<t)
+    A_it  = (R_i - mean(R_1..R_G)) / std(R_1..R_G)            (outcome supervision, sec. 4.1.2: same for all t)
+    D_it  = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1        (k3, eq. 4; Schulman 2020, "Approximating KL")
+
+The loss is -J. Where this code departs from the paper or offers options:
+ 1. A group's std gets + eps (default 1e-4, as TRL), and a constant group gets exactly zero advantage for any
+    eps >= 0 (the paper leaves 0/0 undefined). A group of one gets zero advantage too.
+ 2. std is unbiased (Bessel) by default, as TRL, verl and the HF course; `unbiased=False` gives np.std, as
+    GRPO-Zero and the DeepLearning.AI course. `scale="batch"` divides by the std of the whole batch (TRL's
+    scale_rewards="batch"); `scale="none"` does not divide at all (Dr. GRPO, arXiv 2503.20783).
+ 3. eps is split into eps_low / eps_high (DAPO's clip-higher, arXiv 2503.14476, uses eps_high = 0.28);
+    eps_high defaults to eps_low, which is the paper.
+ 4. `loss_type` chooses the aggregation: "grpo" is eq. 3 (mean over each sequence's own tokens, then over
+    sequences); "token" (DAPO) divides the sum over all completion tokens by their count in the whole
+    optimizer batch; "dr_grpo" divides the sum by (number of sequences x max_new_tokens), as TRL and Oat do,
+    not by max_new_tokens alone as verl does (that differs from ours by a constant factor, the batch size).
+ 5. The normaliser is an argument, computed once for the whole optimizer batch (`loss_normalizer`), so
+    micro-batches with gradient accumulation give exactly the gradient of one big batch.
+ 6. With beta == 0 the KL term, and the reference model, are skipped entirely.
+ 7. A subtlety kept as in the paper: k3 is an unbiased estimate of the *reverse* KL(pi || ref) when tokens
+    come from pi, but as a loss term its gradient d/dtheta E_pi[k3] is not computed through the sampling
+    distribution, and in expectation it equals the gradient of the *forward* KL(ref || pi), not of the KL
+    it estimates (see verl's `low_var_kl` comment; DeepSeekMath appendix A.1.4, eq. 19-20, where the KL
+    term's gradient coefficient is pi_ref/pi_theta - 1). It still pulls pi towards ref, which is its job.
+ 8. The log-probs are of logits / temperature, the distribution the sampler drew from (sample.py); top-k /
+    top-p are not renormalised into them.
+Legend: P prompts, G group, N = P*G rows, T completion time, Tp prompt time, C hidden, V vocab, M masked tokens.
+"""
+import torch
+from torch.utils.checkpoint import checkpoint
+
+LOSS_TYPES = ("grpo", "token", "dr_grpo")
+
+
+# ----------------------------------------------------------------------------- 1. group advantages
+
+def group_advantages(rewards, G=None, scale="group", unbiased=True, eps=1e-4):
+    """A_i = (r_i - mean(group)) / (std + eps); returns (advantages shaped like rewards, fraction of zero-std groups).
+
+    rewards: (P, G), or flat (P*G,) with G given. A group whose rewards are all equal gets exactly 0.
+    """
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    shape = rewards.shape
+    r = rewards.float().reshape(-1, G) if G is not None else rewards.float()  # (P, G)
+    if r.dim() != 2:
+        raise ValueError(f"rewards must be (P, G), or flat with G given; got shape {tuple(shape)}")
+    G = r.shape[1]
+    const = r.amax(1) == r.amin(1)  # (P,) zero-std groups, tested exactly (a computed std can be 1e-17)
+    centered = torch.where(const[:, None], 0.0, r - r.mean(1, keepdim=True))  # (P, G)
+    if scale == "none" or G == 1:
+        adv = centered
+    else:
+        std = (r if scale == "group" else r.reshape(1, -1)).std(dim=1, keepdim=True, unbiased=unbiased)  # (P|1, 1)
+        adv = torch.where(const[:, None], 0.0, centered / (std + eps))  # where() keeps 0/0 out for eps=0
+    return adv.reshape(shape), const.float().mean().item()
+
+
+# ----------------------------------------------------------------------------- 2. token log-probs
+
+def _chunk_logprobs(h, lm_head_w, target, temperature):
+    """log softmax(h W^T / T)[target] for one chunk of hidden states h (M, C) -> (M,) fp32."""
+    z = (h @ lm_head_w.t()).float() / temperature  # (M, V): the only V-sized tensor, one chunk at a time
+    return z.gather(-1, target[:, None]).squeeze(-1) - z.logsumexp(-1)  # (M,)
+
+
+def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0, chunk=1024):
+    """Log-prob of each completion token under `model` at `temperature`: (N, T) fp32, 0 outside completion_mask.
+
+    One forward over prompt + completion gives hidden states; lm_head and log_softmax run only at masked
+    completion positions, `chunk` tokens at a time. Under autograd each chunk is checkpointed, so backward
+    recomputes its (chunk, V) logits instead of keeping all of them: peak memory scales with chunk, not T*V.
+    """
+    Tp = prompt_ids.shape[1]
+    ids = torch.cat([prompt_ids, completion_ids], 1)  # (N, Tp+T)
+    # completion positions after a row's stop are attended by nobody before them (causal), so they can be "real"
+    attn = torch.cat([prompt_mask, torch.ones_like(completion_mask)], 1)  # (N, Tp+T)
+    h = model.forward_hidden(ids, attn_mask=attn)[:, Tp - 1:-1]  # (N, T, C): position t-1 predicts token t
+    hm, target = h[completion_mask], completion_ids[completion_mask]  # (M, C), (M,)
+    w, temp = model.lm_head.weight, temperature or 1.0
+    parts = []
+    for s in range(0, hm.shape[0], chunk):
+        args = (hm[s:s + chunk], w, target[s:s + chunk], temp)
+        grad = torch.is_grad_enabled() and (hm.requires_grad or w.requires_grad)
+        parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad else _chunk_logprobs(*args))
+    out = torch.zeros(completion_ids.shape, device=h.device, dtype=torch.float32)  # (N, T)
+    if parts:
+        out = out.masked_scatter(completion_mask, torch.cat(parts))
+    return out
+
+
+# ----------------------------------------------------------------------------- 3. the loss
+
+def k3(logp, ref_logp):
+    """k3 = exp(ref - logp) - (ref - logp) - 1 >= 0, unbiased for KL(pi || ref) under tokens drawn from pi."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def loss_normalizer(loss_type, completion_mask, max_new_tokens=None):
+    """The denominator of the loss for one whole optimizer batch; pass it to every micro-batch's grpo_loss.
+
+    grpo: number of sequences (each already averaged over its own tokens); token: number of completion
+    tokens; dr_grpo: number of sequences x max_new_tokens.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "grpo":
+        return float(completion_mask.shape[0])
+    if loss_type == "token":
+        return float(max(int(completion_mask.sum()), 1))
+    if max_new_tokens is None:
+        raise ValueError("dr_grpo needs max_new_tokens")
+    return float(completion_mask.shape[0] * max_new_tokens)
+
+
+def grpo_loss(logp, old_logp, advantages, mask, normalizer, loss_type="grpo", ref_logp=None,
+              beta=0.04, eps_low=0.2, eps_high=None):
+    """The clipped surrogate with k3 penalty, summed over this micro-batch and divided by `normalizer`.
+
+    logp, old_logp, ref_logp: (N, T) token log-probs (logp carries the gradient); advantages (N,); mask (N, T).
+    Returns (loss, stats) with stats the masked means of k3 KL, the ratio, and the fractions of tokens
+    clipped at the low side (A < 0, ratio < 1-eps_low) and the high side (A > 0, ratio > 1+eps_high).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    eps_high = eps_low if eps_high is None else eps_high
+    m = mask.bool()
+    mf = m.float()
+    # zero the padding before any exp: a huge value there would give inf * 0 = NaN
+    logp, old_logp = logp.masked_fill(~m, 0.0), old_logp.masked_fill(~m, 0.0)
+    A = advantages.float()[:, None]  # (N, 1)
+    ratio = torch.exp(logp - old_logp)  # (N, T)
+    surrogate = torch.minimum(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)
+    per_token = -surrogate
+    kl = None
+    if beta != 0:
+        if ref_logp is None:
+            raise ValueError("beta != 0 needs ref_logp")
+        kl = k3(logp, ref_logp.masked_fill(~m, 0.0))  # (N, T)
+        per_token = per_token + beta * kl
+    per_token = per_token * mf
+    if loss_type == "grpo":
+        loss = (per_token.sum(1) / mf.sum(1).clamp(min=1)).sum() / normalizer  # eq. 3: 1/G sum_i 1/|o_i| sum_t
+    else:
+        loss = per_token.sum() / normalizer
+
+    with torch.no_grad():
+        n = mf.sum().clamp(min=1)
+        stats = {
+            "kl": ((kl * mf).sum() / n).item() if kl is not None else 0.0,
+            "ratio": ((ratio * mf).sum() / n).item(),
+            "clip_low": (((ratio < 1 - eps_low) & (A < 0) & m).sum() / n).item(),
+            "clip_high": (((ratio > 1 + eps_high) & (A > 0) & m).sum() / n).item(),
+            "tokens": int(mf.sum().item()),
+        }
+    return loss, stats

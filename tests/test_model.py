@@ -1,0 +1,239 @@
+"""model.py: parity with transformers, sharded checkpoints, save round trip, KV cache, and every documented error."""
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import random_model, tiny_config
+from model import KVCache, ModelConfig, Transformer
+
+FAMILIES = [("qwen2", True), ("qwen2", False), ("qwen3", True), ("qwen3", False), ("llama", True), ("llama", False)]
+
+
+def hf():
+    return pytest.importorskip("transformers", reason="transformers is an optional test-only peer; CI installs it")
+
+
+def hf_random(family, tied, seed=0):
+    """A transformers model of a tiny config with every parameter randomised (biases and norms included)."""
+    tr = hf()
+    d = tiny_config(family, tied)
+    cfg = tr.AutoConfig.for_model(d.pop("model_type"), **{k: v for k, v in d.items() if k != "architectures"})
+    torch.manual_seed(seed)
+    m = tr.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    return m
+
+
+def left_padded_batch(V, lens=(9, 5, 1), seed=1):
+    """ids (B, T) and a bool mask with rows of different lengths, left-padded."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lens)
+    ids = torch.randint(0, V, (len(lens), T), generator=g)
+    mask = torch.arange(T) >= T - torch.tensor(lens)[:, None]
+    return ids, mask
+
+
+def assert_same_logits(ours, theirs, V):
+    ids, mask = left_padded_batch(V)
+    with torch.no_grad():
+        a = ours(ids, attn_mask=mask)
+        b = theirs(input_ids=ids, attention_mask=mask.long()).logits
+    torch.testing.assert_close(a[mask], b[mask], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family,tied", FAMILIES)
+def test_loads_transformers_checkpoint_with_same_logits(tmp_path, family, tied):
+    theirs = hf_random(family, tied)
+    theirs.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(str(tmp_path))
+    assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == tied
+    assert_same_logits(ours, theirs, theirs.config.vocab_size)
+
+
+@pytest.mark.parametrize("family,tied", [("qwen2", True), ("qwen3", False)])
+def test_loads_sharded_checkpoint(tmp_path, family, tied):
+    theirs = hf_random(family, tied)
+    theirs.save_pretrained(tmp_path, max_shard_size="60KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    assert_same_logits(Transformer.from_pretrained(str(tmp_path)), theirs, theirs.config.vocab_size)
+
+
+@pytest.mark.parametrize("family,tied", FAMILIES)
+def test_our_save_loads_in_transformers(tmp_path, family, tied):
+    tr = hf()
+    ours = random_model(family, tied)
+    ours.save_pretrained(tmp_path)
+    from safetensors import safe_open
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert ("lm_head.weight" in f.keys()) != tied  # tied weights are saved once
+    theirs = tr.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert_same_logits(ours, theirs, ours.config.vocab_size)
+    again = Transformer.from_pretrained(str(tmp_path))
+    for (k, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
+    random_model().save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
+def test_cached_prefill_then_decode_equals_full_forward(family):
+    m = random_model(family).eval()
+    ids, mask = left_padded_batch(m.config.vocab_size, lens=(10, 6, 3))
+    B, T = ids.shape
+    with torch.no_grad():
+        full = m(ids, attn_mask=mask)  # (B, T, V)
+        cache = KVCache(m.config, B, T)
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        split = 4  # prefill the first 4 columns (some rows are still all padding there), then one at a time
+        step = [m(ids[:, :split], pos[:, :split], mask[:, :split], cache)]
+        for t in range(split, T):
+            step.append(m(ids[:, t:t + 1], pos[:, t:t + 1], mask[:, t:t + 1], cache))
+    torch.testing.assert_close(torch.cat(step, 1)[mask], full[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_padding_does_not_change_a_rows_logits():
+    m = random_model("qwen3").eval()
+    ids, mask = left_padded_batch(m.config.vocab_size, lens=(8, 3))
+    with torch.no_grad():
+        batched = m(ids, attn_mask=mask)[1, -3:]
+        alone = m(ids[1:, -3:])[0]
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_is_off_by_default_and_gives_same_gradients():
+    m = random_model("qwen2").train()
+    assert m.gradient_checkpointing is False
+    ids = torch.randint(0, m.config.vocab_size, (2, 7))
+    grads = []
+    for flag in (False, True):
+        m.zero_grad()
+        m.gradient_checkpointing = flag
+        m(ids).logsumexp(-1).sum().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_rope_theta_read_from_flat_key_and_from_rope_parameters():
+    flat = ModelConfig.from_dict(tiny_config(rope_theta=123.0))
+    d = tiny_config()
+    del d["rope_theta"]
+    d["rope_parameters"] = {"rope_type": "default", "rope_theta": 456.0}
+    assert flat.rope_theta == 123.0 and ModelConfig.from_dict(d).rope_theta == 456.0
+
+
+def test_architecture_flags():
+    q2, q3, ll = (ModelConfig.from_dict(tiny_config(f)) for f in ("qwen2", "qwen3", "llama"))
+    assert q2.qkv_bias and not q2.o_bias and not q2.qk_norm
+    assert not q3.qkv_bias and q3.qk_norm and q3.head_dim == 24
+    assert not ll.qkv_bias and not ll.qk_norm and ll.head_dim == 16
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_unknown_model_type_names_it_and_lists_supported():
+    with pytest.raises(ValueError, match=r"'gpt2'.*qwen2, qwen3, llama"):
+        ModelConfig.from_dict(tiny_config(model_type="gpt2"))
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model directory not found"):
+        Transformer.from_pretrained(str(tmp_path / "nope"))
+
+
+def test_hub_id_offline_gives_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="could not fetch 'nobody/no-such-model'.*local checkpoint directory"):
+        Transformer.from_pretrained("nobody/no-such-model")
+
+
+def test_missing_weight_file(tmp_path):
+    random_model().save_pretrained(tmp_path)
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        Transformer.from_pretrained(str(tmp_path))
+
+
+def test_missing_shard(tmp_path):
+    random_model().save_pretrained(tmp_path)
+    os.rename(tmp_path / "model.safetensors", tmp_path / "a.safetensors")
+    from safetensors import safe_open
+    with safe_open(tmp_path / "a.safetensors", "pt") as f:
+        wm = {k: "a.safetensors" for k in f.keys()}
+    wm["model.norm.weight"] = "b.safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    with pytest.raises(FileNotFoundError, match="b.safetensors"):
+        Transformer.from_pretrained(str(tmp_path))
+
+
+def test_corrupt_weight_file(tmp_path):
+    random_model().save_pretrained(tmp_path)
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="model.safetensors: corrupt"):
+        Transformer.from_pretrained(str(tmp_path))
+
+
+def test_missing_tensor_named(tmp_path):
+    from safetensors.torch import save_file
+    m = random_model(tied=False)
+    sd = {k: v for k, v in m.state_dict().items() if k != "model.layers.1.mlp.up_proj.weight"}
+    m.save_pretrained(tmp_path)
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'"):
+        Transformer.from_pretrained(str(tmp_path))
+
+
+def test_unexpected_tensor_named(tmp_path):
+    from safetensors.torch import save_file
+    m = random_model()
+    m.save_pretrained(tmp_path)
+    sd = {k: v.clone() for k, v in m.state_dict().items() if k != "lm_head.weight"}
+    sd["model.layers.0.extra.weight"] = torch.zeros(2)
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="model.safetensors: unexpected tensor 'model.layers.0.extra.weight'"):
+        Transformer.from_pretrained(str(tmp_path))
+
+
+def test_shape_mismatch_named(tmp_path):
+    random_model().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'model.layers.0.mlp.(gate|up|down)_proj.weight' has shape"):
+        Transformer.from_pretrained(str(tmp_path))
+
+
+def test_corrupt_config(tmp_path):
+    random_model().save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        Transformer.from_pretrained(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- a real checkpoint
+
+@pytest.mark.skipif(not os.environ.get("GRPO_TEST_MODEL"), reason="set GRPO_TEST_MODEL to a checkpoint dir")
+def test_real_model_greedy_matches_transformers():
+    tr = hf()
+    from tokenizer import Tokenizer
+    path = os.environ["GRPO_TEST_MODEL"]
+    ours, tok = Transformer.from_pretrained(path).eval(), Tokenizer(path)
+    theirs = tr.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode_chat([{"role": "system", "content": "You are a helpful assistant."},
+                                         {"role": "user", "content": "Write a long story about a dragon who learns to count."}])])
+    with torch.no_grad():
+        want = theirs.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:]
+        got = ids
+        for _ in range(32):  # plain greedy by full re-forward: this test is about the model, not the sampler
+            got = torch.cat([got, ours(got)[:, -1:].argmax(-1)], 1)
+    got = got[0, ids.shape[1]:].tolist()
+    assert len(want) > 8 and got[:len(want)] == want.tolist()  # transformers stops at EOS; we ran on for 32
