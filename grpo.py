@@ -55,11 +55,14 @@ def group_advantages(rewards, G=None, scale="group", unbiased=True, eps=1e-4):
         raise ValueError(f"rewards must be (P, G), or flat with G given; got shape {tuple(shape)}")
     G = r.shape[1]
     const = r.amax(1) == r.amin(1)  # (P,) zero-std groups, tested exactly (a computed std can be 1e-17)
-    centered = torch.where(const[:, None], 0.0, r - r.mean(1, keepdim=True))  # (P, G)
+    centered = r - r.mean(1, keepdim=True)  # (P, G)
+    # the float32 mean of a near-tie group can round onto a member ([1, 1+2^-23] -> 1): re-centre (two-pass)
+    centered = torch.where(const[:, None], 0.0, centered - centered.mean(1, keepdim=True))
     if scale == "none" or G == 1:
         adv = centered
     else:
-        std = (r if scale == "group" else r.reshape(1, -1)).std(dim=1, keepdim=True, unbiased=unbiased)  # (P|1, 1)
+        x = centered if scale == "group" else r.reshape(1, -1) - r.mean()  # pre-centred, for the same reason
+        std = x.std(dim=1, keepdim=True, unbiased=unbiased)  # (P|1, 1)
         adv = torch.where(const[:, None], 0.0, centered / (std + eps))  # where() keeps 0/0 out for eps=0
     return adv.reshape(shape), const.float().mean().item()
 
@@ -102,7 +105,7 @@ def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_ma
 def k3(logp, ref_logp):
     """k3 = exp(ref - logp) - (ref - logp) - 1 >= 0, unbiased for KL(pi || ref) under tokens drawn from pi."""
     d = ref_logp - logp
-    return torch.exp(d) - d - 1
+    return torch.expm1(d) - d  # exp(d) - d - 1 rounds below 0 for small d (-1.1e-16 at d = 1e-8 in float64)
 
 
 def loss_normalizer(loss_type, completion_mask, max_new_tokens=None):

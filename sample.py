@@ -39,7 +39,12 @@ def sample_token(logits, temperature, top_k=0, top_p=1.0, generator=None):
         logits = logits.scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)  # (N, V)
     # argmax(p / E), E ~ Exp(1), draws i with probability p_i and needs no host sync (unlike torch.multinomial)
-    e = torch.empty_like(probs).exponential_(generator=generator)
+    e = torch.empty_like(probs)
+    if isinstance(generator, (list, tuple)):  # one generator per prompt, each drawing for its G rows
+        for rows, g in zip(e.chunk(len(generator)), generator):
+            rows.exponential_(generator=g)
+    else:
+        e.exponential_(generator=generator)
     return (probs / e).argmax(-1)  # (N,)
 
 
@@ -64,7 +69,9 @@ def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_
     """Sample G completions for each of the P prompts (lists of token ids); returns a Rollout of P*G rows.
 
     vocab_size: ids >= it are never sampled (Qwen pads its embedding past the tokenizer's vocabulary).
-    generator: a torch.Generator on the model's device, or an int seed.
+    generator: a torch.Generator on the model's device, an int seed, or a list of P generators, one per prompt,
+    so that a prompt's completions do not depend on which other prompts share the batch (train.py uses this
+    to make sampling identical for any number of ranks, and across a resume).
     sync_every: check whether all rows stopped every this many steps (default 1 on CPU, 8 on GPU).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -74,6 +81,8 @@ def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_
     dev = model.lm_head.weight.device
     if isinstance(generator, int):
         generator = torch.Generator(dev).manual_seed(generator)
+    if isinstance(generator, (list, tuple)) and len(generator) != len(prompts):
+        raise ValueError(f"got {len(generator)} generators for {len(prompts)} prompts")
     dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else model.lm_head.weight.dtype
     sync_every = sync_every or (1 if dev.type == "cpu" else 8)
     P, N = len(prompts), len(prompts) * G

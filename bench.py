@@ -1,0 +1,417 @@
+"""Benchmarks: sample.generate throughput against baselines, and TRL's GRPOTrainer step time as a measuring stick.
+
+    python bench.py sampler --model DIR                     # ours vs naive (no KV cache) vs transformers.generate
+    python bench.py sampler --model DIR -P 4 -G 8 -N 128 --threads 2
+    python bench.py sampler --random-init configs/qwen2.5-0.5b-instruct.json --device cuda --dtype bfloat16
+    python bench.py trl-step --model DIR                    # TRL GRPOTrainer seconds per optimizer step (CPU, fp32)
+
+The sampler table counts completion tokens only: those inside the completion mask, i.e. up to and including each
+row's first stop token (or all N when a row is truncated), the same rule for every implementation.
+TRL and transformers are measuring sticks only, never dependencies of the project: TRL runs in a subprocess with
+--trl-python (default /tmp/trlenv/bin/python, a venv made with --system-site-packages so it shares this torch).
+"""
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+from model import ModelConfig, Transformer, read_json, rope_inv_freq
+from sample import generate, sample_token
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRL_VENV_PYTHON = "/tmp/trlenv/bin/python"
+SYSTEM_PROMPT = "You are a careful math tutor. Reason step by step, then give the final answer after '####'."
+# Short grade-school word problems written for this benchmark, deliberately of different lengths.
+QUESTIONS = [
+    "Tom has 3 boxes of 12 pencils. He gives away 7 pencils. How many pencils does he have left?",
+    "A bakery sells muffins for $2 each and cookies for $0.50 each. On Monday it sold 18 muffins and 40 "
+    "cookies, and on Tuesday it sold twice as many muffins but half as many cookies. How much money did the "
+    "bakery take in over the two days?",
+    "A train travels at 60 km per hour for 2.5 hours. How far does it go?",
+    "Maria reads 14 pages on weekdays and 30 pages on each weekend day. Her book has 400 pages. "
+    "If she starts on a Monday, on which day of the week does she finish the book?",
+    "A garden is 8 m long and 5 m wide. A path 1 m wide runs around the outside of it. What is the area of the path?",
+    "Sam saves $15 a week. After 6 weeks he spends a third of his savings on a game. How much does he have left?",
+    "A school orders 23 buses for a trip. Each bus holds 48 students, and 5 seats on every bus stay empty. "
+    "Teachers take 2 seats per bus. How many students go on the trip?",
+    "Lena buys 4 notebooks at $3.25 each and pays with a $20 bill. How much change does she get?",
+]
+
+
+@dataclass
+class BenchConfig:
+    model: str = field(default="/tmp/smollm2", metadata={"help": "Hugging Face checkpoint directory (ours, transformers and TRL all load it)"})
+    num_prompts: int = field(default=2, metadata={"help": "P: distinct prompts per batch", "short": "-P"})
+    group_size: int = field(default=8, metadata={"help": "G: completions sampled per prompt", "short": "-G"})
+    max_new_tokens: int = field(default=64, metadata={"help": "N: completion tokens per row at most", "short": "-N"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (1.0: off)"})
+    repeats: int = field(default=3, metadata={"help": "R: timed runs per implementation after one warm-up; the median is reported"})
+    threads: int = field(default=0, metadata={"help": "torch.set_num_threads (0: torch's default)"})
+    device: str = field(default="cpu", metadata={"help": "device", "choices": ["cpu", "cuda"]})
+    dtype: str = field(default="float32", metadata={"help": "weights and KV cache dtype", "choices": ["float32", "bfloat16"]})
+    compile: bool = field(default=False, metadata={"help": "pass compile=True to sample.generate (torch.compile of the decode step)"})
+    random_init: str = field(default="", metadata={"help": "config.json to build a randomly initialised model from instead of --model; "
+                                                           "prompts are random ids and every row runs all N tokens"})
+    naive: bool = field(default=True, metadata={"help": "time the no-KV-cache baseline"})
+    naive_repeats: int = field(default=1, metadata={"help": "timed runs of the naive baseline (O(N^2) work: minutes per run on CPU)"})
+    transformers: bool = field(default=True, metadata={"help": "time transformers' generate() when transformers is importable"})
+    hbm_bandwidth: float = field(default=3.35e12, metadata={"help": "GPU memory bandwidth in B/s for the decode roofline (H100 SXM: 3.35e12)"})
+    seed: int = field(default=0, metadata={"help": "sampling / random-init seed"})
+    trl_python: str = field(default="", metadata={"help": f"interpreter with trl installed ('': {TRL_VENV_PYTHON} if present, "
+                                                          "else this one if it imports trl, else TRL is skipped)"})
+    beta: float = field(default=0.04, metadata={"help": "TRL GRPO KL coefficient (beta > 0 loads a reference model)"})
+    trl_steps: int = field(default=3, metadata={"help": "timed TRL optimizer steps after one warm-up step"})
+
+
+def parse_args(argv=None):
+    """One flag per BenchConfig field (type, default and help from the field), plus the subcommand."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=sorted(COMMANDS), help="what to benchmark")
+    for f in fields(BenchConfig):
+        names = ["--" + f.name.replace("_", "-")] + ([f.metadata["short"]] if "short" in f.metadata else [])
+        help_ = f.metadata["help"] + " (default: %(default)s)"
+        if f.type is bool:
+            p.add_argument(*names, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        else:
+            p.add_argument(*names, type=f.type, default=f.default, help=help_, choices=f.metadata.get("choices"))
+    args = vars(p.parse_args(argv))
+    return args.pop("command"), BenchConfig(**args)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def chat_prompts(tok, P):
+    """P distinct ChatML prompts (system + one question each), token ids of different lengths."""
+    out = []
+    for i in range(P):
+        q = QUESTIONS[i % len(QUESTIONS)]
+        if i >= len(QUESTIONS):
+            q = f"(Variant {i // len(QUESTIONS)}) {q}"  # keep prompts distinct past the list's end
+        out.append(tok.encode_chat([{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": q}]))
+    return out
+
+
+def random_prompts(P, vocab_size, seed):
+    """P random-id prompts of lengths spread over [32, 96), as chat prompts of this task would be."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(32, 96, (P,), generator=g).tolist()
+    return [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in lens]
+
+
+def build_random_model(config_json, seed):
+    """A randomly initialised Transformer on CPU in fp32 (normal(0, initializer_range) weights, zero biases)."""
+    raw = read_json(config_json)
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig.from_dict(raw))
+    std = raw.get("initializer_range", 0.02)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied lm_head is the embedding: visited once
+            if p.dim() >= 2:
+                p.normal_(0.0, std)  # PyTorch's default N(0, 1) embedding makes tied logits absurdly peaked
+            elif name.endswith("bias"):
+                p.zero_()
+    return model
+
+
+def left_pad(prompts, pad_id, device):
+    """(P, Tp) left-padded ids and the (P, Tp) bool mask of real tokens."""
+    Tp = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), Tp), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, Tp - len(p):] = torch.tensor(p)
+    mask = torch.arange(Tp) >= Tp - torch.tensor([len(p) for p in prompts])[:, None]
+    return ids.to(device), mask.to(device)
+
+
+def count_until_stop(completions, stop_ids):
+    """Tokens per row up to and including the first stop id (all of them when a row has none): (rows,) long."""
+    T = completions.shape[1]
+    if not stop_ids:
+        return torch.full((completions.shape[0],), T, dtype=torch.long)
+    hit = torch.isin(completions.cpu(), torch.tensor(list(stop_ids)))
+    first = torch.where(hit.any(1), hit.int().argmax(1) + 1, T)
+    return first.long()
+
+
+# ----------------------------------------------------------------------------- the three samplers
+
+def run_ours(model, prompts, cfg, stop_ids, vocab_size, pad_id, seed):
+    """sample.generate; returns (completion tokens, decode steps)."""
+    r = generate(model, prompts, cfg.group_size, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                 stop_ids=stop_ids, generator=seed, vocab_size=vocab_size, pad_id=pad_id, compile=cfg.compile)
+    return int(r.completion_mask.sum()), r.completion_ids.shape[1]
+
+
+@torch.no_grad()
+def naive_generate(model, prompts, G, N, temperature, top_p, stop_ids, generator, vocab_size, pad_id):
+    """No KV cache: every step re-runs the whole left-padded (P*G, Tp+t) batch; returns per-row lengths, steps.
+
+    Same sampling (sample.sample_token) and stop rule as sample.generate. Only the last position goes
+    through lm_head, so what this baseline measures is the missing cache, not a wasted (rows, T, V) projection.
+    """
+    dev = model.lm_head.weight.device
+    ids, mask = left_pad([p for p in prompts for _ in range(G)], pad_id, dev)  # rows p*G .. p*G+G-1: prompt p
+    rows = ids.shape[0]
+    stops = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
+    done = torch.zeros(rows, dtype=torch.bool, device=dev)
+    length = torch.full((rows,), N, device=dev)
+    for t in range(N):
+        logits = model.lm_head(model.forward_hidden(ids, attn_mask=mask)[:, -1]).float()  # (rows, V)
+        if vocab_size is not None and vocab_size < logits.shape[-1]:
+            logits[:, vocab_size:] = float("-inf")
+        tok = torch.where(done, pad_id, sample_token(logits, temperature, 0, top_p, generator))
+        hit = torch.isin(tok, stops) & ~done
+        length = torch.where(hit, t + 1, length)
+        done |= hit
+        if bool(done.all()) or t + 1 == N:
+            return length, t + 1
+        ids = torch.cat([ids, tok[:, None]], 1)
+        mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.bool, device=dev)], 1)
+
+
+def run_naive(model, prompts, cfg, stop_ids, vocab_size, pad_id, seed, N=None):
+    """naive_generate; returns (completion tokens, decode steps)."""
+    g = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
+    length, steps = naive_generate(model, prompts, cfg.group_size, N or cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                   stop_ids, g, vocab_size, pad_id)
+    return int(length.sum()), steps
+
+
+def run_transformers(hf, prompts, cfg, stop_ids, vocab_size, pad_id, seed):
+    """transformers generate() on the P left-padded prompts with num_return_sequences=G; (tokens, steps).
+
+    num_return_sequences=G is what transformers (and TRL, which repeats each prompt G times) do: the P prompts
+    are expanded to P*G rows *before* prefill, so transformers prefills every row. Ours prefills each prompt once
+    and copies its cache; that saving is part of what is measured, and it is small next to N decode steps.
+    """
+    from transformers import GenerationConfig
+    ids, mask = left_pad(prompts, pad_id, hf.device)
+    N = cfg.max_new_tokens
+    gc = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=N,
+                          num_return_sequences=cfg.group_size, pad_token_id=pad_id,
+                          eos_token_id=list(stop_ids) or None, min_new_tokens=0 if stop_ids else N)
+    if vocab_size is not None and vocab_size < hf.config.vocab_size:
+        gc.suppress_tokens = list(range(vocab_size, hf.config.vocab_size))  # as ours: ids past the tokenizer's
+    torch.manual_seed(seed)
+    out = hf.generate(input_ids=ids, attention_mask=mask.long(), generation_config=gc)
+    completions = out[:, ids.shape[1]:]
+    return int(count_until_stop(completions, stop_ids).sum()), completions.shape[1]
+
+
+def time_interleaved(runs, repeats, device):
+    """Warm up every run, then time them round-robin; {name: (median seconds, result of the last timed call)}.
+
+    runs: {name: (fn(seed), warm_up(), repeats or None for `repeats`)}. Round-robin rather than one
+    implementation after the other, so that load from other processes on a shared machine hits all alike.
+    """
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+    for fn, warm_up, _ in runs.values():
+        warm_up()
+        sync()
+    secs, res = {k: [] for k in runs}, {}
+    for r in range(max(reps or repeats for _, _, reps in runs.values())):
+        for k, (fn, _, reps) in runs.items():
+            if r >= (reps or repeats):
+                continue
+            sync()
+            t0 = time.perf_counter()
+            res[k] = fn(r + 1)  # a different seed per run: lengths vary as they do in training
+            sync()
+            secs[k].append(time.perf_counter() - t0)
+            print(f"  {k:<13} run {r + 1}: {secs[k][-1]:.2f}s", flush=True)
+    return {k: (statistics.median(secs[k]), res[k]) for k in runs}
+
+
+def decode_roofline(model, prompts, cfg, bandwidth):
+    """Memory-bandwidth bound on decode tokens/s: rows / ((param bytes + KV bytes read per step) / bandwidth).
+
+    KV bytes: 2 (k, v) * L * rows * K * avg_context * D * bytes, avg_context = mean real prompt length + (N+1)/2,
+    i.e. what an ideal kernel must read (ours reads the padded length, so this bound is on the strict side).
+    """
+    c = model.config
+    params = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}  # tied weights once
+    rows = len(prompts) * cfg.group_size
+    ctx = sum(len(p) for p in prompts) / len(prompts) + (cfg.max_new_tokens + 1) / 2
+    elt = torch.tensor([], dtype=getattr(torch, cfg.dtype)).element_size()
+    kv = 2 * c.num_hidden_layers * rows * c.num_key_value_heads * ctx * c.head_dim * elt
+    step_bytes = sum(params.values()) + kv
+    return rows / (step_bytes / bandwidth), step_bytes
+
+
+def cmd_sampler(cfg):
+    """Tokens/s of ours, naive and transformers on the same prompts, weights, dtype and sampling settings."""
+    dev, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        if cfg.random_init:
+            # random weights emit random tokens: no stop ids anywhere, so every row runs all N tokens
+            model = build_random_model(cfg.random_init, cfg.seed)
+            model.save_pretrained(tmp, dtype=dtype)  # transformers loads these very weights
+            model = model.to(dev, dtype)
+            model.inv_freq = rope_inv_freq(model.config, dev)  # .to(dtype) also cast the fp32 RoPE buffer
+            prompts = random_prompts(cfg.num_prompts, model.config.vocab_size, cfg.seed)
+            stop_ids, vocab_size, pad_id, hf_dir = (), None, 0, tmp
+        else:
+            from tokenizer import Tokenizer
+            tok = Tokenizer(cfg.model)
+            model = Transformer.from_pretrained(cfg.model, device=dev, dtype=dtype)
+            prompts = chat_prompts(tok, cfg.num_prompts)
+            stop_ids, vocab_size, pad_id, hf_dir = tuple(tok.stop_ids), tok.vocab_size, tok.pad_id, cfg.model
+        model.eval()
+        print(f"prompt lengths {[len(p) for p in prompts]}, rows {len(prompts) * cfg.group_size}, stop ids {list(stop_ids)}")
+
+        args = (prompts, cfg, stop_ids, vocab_size, pad_id)
+        runs = {"ours": (lambda s: run_ours(model, *args, cfg.seed + s), lambda: run_ours(model, *args, cfg.seed), None)}
+        if cfg.naive:
+            # the naive warm-up is 2 tokens: it has nothing to compile or cache, and a full one costs minutes on CPU
+            runs["naive"] = (lambda s: run_naive(model, *args, cfg.seed + s),
+                             lambda: run_naive(model, *args, cfg.seed, N=min(2, cfg.max_new_tokens)), cfg.naive_repeats)
+        if cfg.transformers and importlib.util.find_spec("transformers") is None:
+            print("transformers: not importable, skipped")
+        elif cfg.transformers:
+            import transformers
+            transformers.utils.logging.disable_progress_bar()
+            hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(dev).eval()
+            if not stop_ids:
+                hf.generation_config.eos_token_id = None  # else generate() falls back to config.json's eos
+            runs["transformers"] = (lambda s: run_transformers(hf, *args, cfg.seed + s),
+                                    lambda: run_transformers(hf, *args, cfg.seed), None)
+        results = time_interleaved(runs, cfg.repeats, cfg.device)  # name -> (median seconds, (tokens, steps))
+
+    tps = {k: tokens / sec for k, (sec, (tokens, steps)) in results.items()}
+    print(f"\n{'impl':<14}{'seconds':>9}{'tokens':>8}{'steps':>7}{'tok/s':>10}{'ours/x':>9}")
+    for k, (sec, (tokens, steps)) in results.items():
+        print(f"{k:<14}{sec:>9.3f}{tokens:>8d}{steps:>7d}{tps[k]:>10.1f}{tps['ours'] / tps[k]:>8.2f}x")
+    if cfg.device == "cuda":
+        bound, step_bytes = decode_roofline(model, prompts, cfg, cfg.hbm_bandwidth)
+        print(f"decode roofline: {step_bytes / 1e6:.1f} MB/step at {cfg.hbm_bandwidth / 1e12:.2f} TB/s -> "
+              f"{bound:.0f} tok/s; ours reaches {tps['ours'] / bound:.1%} (prefill included in ours)")
+    fmt = lambda k: f"{tps[k]:.1f}" if k in tps else "n/a"
+    ratio = f"{tps['ours'] / tps['transformers']:.2f}x" if "transformers" in tps else "n/a"
+    print(f"RESULT sampler ours={fmt('ours')} tok/s naive={fmt('naive')} transformers={fmt('transformers')} "
+          f"ratio_vs_transformers={ratio}")
+
+
+# ----------------------------------------------------------------------------- TRL GRPOTrainer step time
+
+def resolve_trl_python(trl_python=""):
+    """The interpreter to run TRL with, or None: the flag, else the venv, else this one if it imports trl."""
+    if trl_python:
+        return trl_python
+    if os.path.exists(TRL_VENV_PYTHON):
+        return TRL_VENV_PYTHON
+    return sys.executable if importlib.util.find_spec("trl") is not None else None
+
+
+def time_trl_step(model_dir, P=2, G=8, N=64, beta=0.04, steps=3, threads=None, trl_python=""):
+    """Median seconds per TRL GRPOTrainer optimizer step (P prompts x G completions, after a warm-up), or None.
+
+    Runs in a subprocess under the TRL interpreter (see resolve_trl_python), so TRL never enters this process.
+    None (with a one-line note) when no interpreter with trl is found; a failing TRL run raises RuntimeError.
+    """
+    python = resolve_trl_python(trl_python)
+    if python is None:
+        print(f"TRL: skipped (no {TRL_VENV_PYTHON} and this interpreter cannot import trl; see bench.py's docstring)")
+        return None
+    kwargs = dict(model_dir=os.path.abspath(model_dir), P=P, G=G, N=N, beta=beta, steps=steps, threads=threads)
+    code = "import json, sys, bench; print('TRL_STEP_SECONDS', bench._trl_step_inprocess(**json.loads(sys.argv[1])))"
+    proc = subprocess.run([python, "-c", code, json.dumps(kwargs)], cwd=HERE, capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
+    for line in proc.stdout.splitlines():
+        if line.startswith("TRL_STEP_SECONDS "):
+            return float(line.split()[1])
+    raise RuntimeError(f"TRL run under {python} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def _trl_step_inprocess(model_dir, P, G, N, beta, steps, threads):
+    """The body of time_trl_step, run under the TRL interpreter: GRPOTrainer on CPU, fp32, no vLLM, no saving."""
+    import datasets
+    import transformers
+    from trl import GRPOConfig, GRPOTrainer
+    from tokenizer import Tokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    texts = [Tokenizer(model_dir).chatml([{"role": "system", "content": SYSTEM_PROMPT},
+                                          {"role": "user", "content": q}]) for q in QUESTIONS]
+    # (steps + 1) * P rows: exactly the prompts one warm-up plus `steps` timed steps consume
+    data = datasets.Dataset.from_list([{"prompt": texts[i % len(texts)]} for i in range((steps + 1) * P)])
+
+    def reward_len(completions, **kwargs):
+        """Trivial reward, so the step time is the trainer's own: shorter completions score higher."""
+        return [-len(c) / 100.0 for c in completions]
+
+    extra = {}
+    if "max_prompt_length" in {f.name for f in fields(GRPOConfig)}:
+        extra["max_prompt_length"] = 4096  # older TRL truncated prompts to 512 by default; keep them whole
+    args = GRPOConfig(
+        output_dir=os.path.join(tempfile.gettempdir(), "bench_trl"), report_to="none", logging_strategy="no",
+        save_strategy="no", disable_tqdm=True, use_cpu=True, bf16=False, fp16=False, use_vllm=False, seed=0,
+        # recent TRL counts completions in per_device_train_batch_size: P*G of them = P prompts x G generations
+        per_device_train_batch_size=P * G, num_generations=G, gradient_accumulation_steps=1,
+        steps_per_generation=1, num_iterations=1, max_steps=steps + 1, max_completion_length=N,
+        temperature=0.7, top_p=1.0, top_k=0, beta=beta, learning_rate=1e-6, dataloader_num_workers=0, **extra)
+
+    class StepTimer(transformers.TrainerCallback):
+        """Wall time between on_step_begin and on_step_end: generation, rewards, loss, backward, optimizer."""
+        def __init__(self):
+            self.t0, self.secs = None, []
+
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.secs.append(time.perf_counter() - self.t0)
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    timer = StepTimer()
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_len, args=args, train_dataset=data,
+                          processing_class=tok, callbacks=[timer])
+    trainer.train()
+    assert len(timer.secs) == steps + 1, f"expected {steps + 1} steps, timed {len(timer.secs)}"
+    print("TRL step seconds (first is warm-up):", [round(s, 3) for s in timer.secs], file=sys.stderr)
+    return statistics.median(timer.secs[1:])
+
+
+def cmd_trl_step(cfg):
+    """Prints TRL GRPOTrainer's median seconds per step on cfg.model."""
+    t0 = time.perf_counter()
+    secs = time_trl_step(cfg.model, cfg.num_prompts, cfg.group_size, cfg.max_new_tokens, cfg.beta, cfg.trl_steps,
+                         cfg.threads or None, cfg.trl_python)
+    if secs is not None:
+        print(f"(TRL subprocess wall time {time.perf_counter() - t0:.1f}s incl. loading)")
+        print(f"RESULT trl_step seconds={secs:.3f}")
+
+
+# a later `step` subcommand (our own train step) registers here and calls time_trl_step for its ratio
+COMMANDS = {"sampler": cmd_sampler, "trl-step": cmd_trl_step}
+
+
+def main(argv=None):
+    command, cfg = parse_args(argv)
+    print(asdict(cfg))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {cfg.device}, {cfg.dtype}")
+    load, cores = os.getloadavg()[0], os.cpu_count()
+    if load > 0.5 * cores:
+        # other processes share the cores: CPU timings drift, and OpenMP's spin-waiting threads slow down badly
+        print(f"warning: 1-min load average {load:.1f} on {cores} cores; CPU timings are contended (try --threads 1)")
+    t0 = time.perf_counter()
+    COMMANDS[command](cfg)
+    print(f"({command}: {time.perf_counter() - t0:.0f}s wall in all)")
+
+
+if __name__ == "__main__":
+    main()

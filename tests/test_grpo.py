@@ -1,0 +1,730 @@
+"""Property-based tests for grpo.py: every claim of its module docstring, checked against independent references.
+
+- group_advantages: the definition (float64 reference), zero mean / unit std per group, shift / scale invariance,
+  permutation equivariance, sign, exact zeros for constant groups and groups of one, frac_zero_std, the flat
+  input, scale="none" / "batch", unbiased, and the argument errors (claims 1, 2).
+- k3: >= 0, zero iff equal, zero gradient at equality, its gradient coefficient, a seeded Monte Carlo check that
+  it is unbiased for the reverse KL(pi || ref), and the exact expectation of its gradient being the gradient of
+  the forward KL(ref || pi) (claim 7).
+- grpo_loss / loss_normalizer: equality with a slow per-token loop written from DeepSeekMath eq. 3 for every
+  loss_type (claims 3, 4), the plain policy gradient at ratio 1, exactly-zero gradients of clipped tokens, inert
+  padding (even +-inf there), micro-batch + gradient accumulation invariance (claim 5), the stats, beta == 0
+  skipping the reference (claim 6), and the argument errors.
+- token_logprobs: equality (values and parameter gradients) with a naive per-row full log_softmax at a
+  temperature (claim 8) for any chunk size, and peak memory scaling with the chunk, not with T * V.
+Everything runs on CPU, on tiny random models (conftest.random_model), with no downloads.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import grpo
+from conftest import random_model
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+MEDIUM = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+F32_EPS = 2.0 ** -23  # float32 machine epsilon
+ONE_UP = float(np.nextafter(np.float32(1.0), np.float32(2.0)))  # 1 + 2^-23: the float32 right after 1.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tensors here are tiny: intra-op threads only add synchronisation, which on a busy machine made this
+    file 5-10x slower. One thread for this module, restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- 1. group advantages
+
+# float32-representable rewards: either anything in [-100, 100], or from a small set so ties and constant
+# groups are common (as with 0/1 correctness rewards)
+ANY_REWARD = st.floats(-100, 100, allow_nan=False, width=32, allow_subnormal=False)
+SMALL_SET = st.sampled_from([0.0, 0.5, 1.0, 2.0])
+GRID = st.integers(-6400, 6400).map(lambda k: k / 64)  # exact in float32, and so are sums of two of them
+
+
+@st.composite
+def reward_batches(draw, elements=None, min_G=1, max_G=8, max_P=5):
+    """(P, G) float32 rewards; some rows may be forced constant."""
+    P, G = draw(st.integers(1, max_P)), draw(st.integers(min_G, max_G))
+    el = elements
+    if el is None:
+        el = draw(st.sampled_from([ANY_REWARD, SMALL_SET, st.one_of(ANY_REWARD, SMALL_SET)]))
+    near_ties = elements is None  # (not for GRID, whose tests need exact sums)
+    rows = []
+    for _ in range(P):
+        kind = draw(st.integers(0, 5))
+        if kind == 0:
+            rows.append([draw(el)] * G)  # a constant group
+        elif kind == 1 and near_ties:  # a near tie: members within a few float32 ulps of each other
+            base = np.float32(draw(st.one_of(st.floats(1e-3, 100), st.floats(-100, -1e-3))))
+            ulps = draw(st.lists(st.integers(-3, 3), min_size=G, max_size=G))
+            rows.append([float(base + np.float32(k) * np.spacing(base)) for k in ulps])
+        else:
+            rows.append(draw(st.lists(el, min_size=G, max_size=G)))
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def ref_advantages(r, scale="group", unbiased=True, eps=1e-4):
+    """The docstring's definition in float64: (r - group mean) / (std + eps), constant groups and G == 1 -> 0."""
+    x = r.double()
+    c = x - x.mean(1, keepdim=True)
+    const = x.amax(1) == x.amin(1)
+    if scale == "none" or x.shape[1] == 1:
+        a = c
+    else:
+        s = (x if scale == "group" else x.reshape(1, -1)).std(1, keepdim=True, unbiased=unbiased)
+        a = c / (s + eps)
+    return torch.where(const[:, None], 0.0, a), const
+
+
+def f32_tol(r, denom):
+    """Per-row absolute tolerance for advantages computed in float32: a few ulps of the spread, over denom."""
+    x = r.double()
+    spread = (x - x.mean(1, keepdim=True)).abs().amax(1, keepdim=True)
+    return 1e-6 + 16 * F32_EPS * spread / denom
+
+
+@FAST
+@given(r=reward_batches(), scale=st.sampled_from(["group", "batch", "none"]), unbiased=st.booleans(),
+       eps=st.sampled_from([0.0, 1e-4, 1e-2, 1.0]))
+@example(r=torch.tensor([[1.0, ONE_UP]]), scale="group", unbiased=True, eps=0.0)
+def test_advantages_match_definition(r, scale, unbiased, eps):
+    adv, frac = grpo.group_advantages(r, scale=scale, unbiased=unbiased, eps=eps)
+    ref, const = ref_advantages(r, scale, unbiased, eps)
+    assert adv.shape == r.shape and adv.dtype == torch.float32 and torch.isfinite(adv).all()
+    x = r.double()
+    if scale == "none" or r.shape[1] == 1:
+        denom = torch.ones(r.shape[0], 1, dtype=torch.float64)
+    else:
+        denom = (x if scale == "group" else x.reshape(1, -1)).std(1, keepdim=True, unbiased=unbiased) + eps
+        denom = torch.where(denom > 0, denom, 1.0).expand(r.shape[0], 1)
+    tol = f32_tol(r, denom)
+    assert ((adv.double() - ref).abs() <= tol + 1e-6 * ref.abs()).all(), (adv, ref)
+    assert frac == pytest.approx(const.double().mean().item(), rel=1e-6)
+
+
+@FAST
+@given(r=reward_batches(min_G=2), unbiased=st.booleans())
+@example(r=torch.tensor([[1.0, ONE_UP]]), unbiased=True)  # a tie broken by one ulp: the float32 mean rounds
+@example(r=torch.tensor([[100.0, float(np.nextafter(np.float32(100), np.float32(200))), 100.0]]), unbiased=False)
+def test_advantages_zero_mean_unit_std(r, unbiased):
+    """With eps = 0 each non-constant group has mean 0 and std 1 (in the same Bessel convention); constant -> 0."""
+    adv, _ = grpo.group_advantages(r, unbiased=unbiased, eps=0.0)
+    a = adv.double()
+    const = r.amax(1) == r.amin(1)
+    assert (a[const] == 0).all()
+    if (~const).any():
+        a = a[~const]
+        assert a.mean(1).abs().max() <= 1e-5, a
+        assert torch.allclose(a.std(1, unbiased=unbiased), torch.ones(a.shape[0], dtype=torch.float64), atol=1e-5)
+
+
+@FAST
+@given(value=st.one_of(ANY_REWARD, st.sampled_from([0.1, 0.3, 1 / 3, -7.7, 1e-3, 99.9])),
+       G=st.integers(1, 9), scale=st.sampled_from(["group", "batch", "none"]), unbiased=st.booleans(),
+       eps=st.one_of(st.sampled_from([0.0, 1e-12, 1e-4]), st.floats(0, 10)), other=st.booleans())
+@example(value=0.1, G=5, scale="group", unbiased=True, eps=0.0, other=False)
+def test_constant_group_exactly_zero(value, G, scale, unbiased, eps, other):
+    """A constant group gets exactly 0 (not 1e-17, not NaN) for any eps >= 0, next to a non-constant group or not."""
+    rows = [[value] * G] + ([[float(i) for i in range(G)]] if other else [])
+    r = torch.tensor(rows, dtype=torch.float32)
+    adv, frac = grpo.group_advantages(r, scale=scale, unbiased=unbiased, eps=eps)
+    assert torch.isfinite(adv).all()
+    assert torch.equal(adv[0], torch.zeros(G))
+    expect_frac = 1.0 if not other or G == 1 else 0.5
+    assert frac == expect_frac
+
+
+@FAST
+@given(r=reward_batches(elements=GRID), shift=GRID, scale=st.sampled_from(["group", "batch", "none"]),
+       unbiased=st.booleans())
+def test_advantages_shift_invariant(r, shift, scale, unbiased):
+    """Adding one constant to the rewards (exactly, on a float32 grid) does not change the advantages."""
+    adv, f = grpo.group_advantages(r, scale=scale, unbiased=unbiased)
+    adv2, f2 = grpo.group_advantages(r + shift, scale=scale, unbiased=unbiased)
+    assert torch.allclose(adv, adv2, atol=1e-5, rtol=1e-5) and f == f2
+
+
+@FAST
+@given(r=reward_batches(elements=GRID, min_G=2), k=st.floats(0.01, 100), unbiased=st.booleans(),
+       scale=st.sampled_from(["group", "batch"]))
+def test_advantages_scale_invariant(r, k, unbiased, scale):
+    """With eps = 0, multiplying the rewards by k > 0 does not change the advantages (up to float32 rounding of k*r);
+    with a power of two, k*r is exact and so is the invariance."""
+    adv, f = grpo.group_advantages(r, scale=scale, unbiased=unbiased, eps=0.0)
+    adv2, f2 = grpo.group_advantages(r * k, scale=scale, unbiased=unbiased, eps=0.0)
+    x = r.double()
+    s = (x if scale == "group" else x.reshape(1, -1)).std(1, keepdim=True, unbiased=unbiased)
+    s = torch.where(s > 0, s, 1.0)
+    tol = 1e-5 + 8 * F32_EPS * x.abs().amax(1, keepdim=True) / s  # rounding of k * r, relative to the spread
+    assert ((adv - adv2).abs() <= tol).all() and f == f2
+    for k2 in (0.25, 2.0, 1024.0):
+        assert torch.equal(grpo.group_advantages(r * k2, scale=scale, unbiased=unbiased, eps=0.0)[0], adv)
+
+
+@FAST
+@given(data=st.data(), r=reward_batches(), scale=st.sampled_from(["group", "batch", "none"]))
+def test_advantages_permutation_equivariant(data, r, scale):
+    """Permuting the members of each group (and the groups) permutes the advantages the same way."""
+    P, G = r.shape
+    perm = torch.tensor([data.draw(st.permutations(range(G))) for _ in range(P)])  # (P, G)
+    rows = torch.tensor(data.draw(st.permutations(range(P))))
+    r2 = r.gather(1, perm)[rows]
+    adv, _ = grpo.group_advantages(r, scale=scale)
+    adv2, _ = grpo.group_advantages(r2, scale=scale)
+    assert torch.allclose(adv.gather(1, perm)[rows], adv2, atol=1e-5, rtol=1e-5)
+
+
+@FAST
+@given(r=reward_batches(), scale=st.sampled_from(["group", "batch", "none"]), unbiased=st.booleans(),
+       eps=st.sampled_from([0.0, 1e-4]))
+@example(r=torch.tensor([[1.0, ONE_UP, 1.0]]), scale="group", unbiased=True, eps=0.0)
+def test_advantages_sign(r, scale, unbiased, eps):
+    """sign(A_i) = sign(r_i - mean) wherever r_i is not (within float32 rounding) the mean itself."""
+    adv, _ = grpo.group_advantages(r, scale=scale, unbiased=unbiased, eps=eps)
+    x = r.double()
+    c = x - x.mean(1, keepdim=True)
+    clear = c.abs() > 1e-5 * c.abs().amax(1, keepdim=True)
+    assert torch.equal(torch.sign(adv.double())[clear], torch.sign(c)[clear])
+    assert (adv[r.amax(1) == r.amin(1)] == 0).all()
+
+
+@FAST
+@given(r=st.lists(ANY_REWARD, min_size=1, max_size=10), scale=st.sampled_from(["group", "batch", "none"]),
+       eps=st.sampled_from([0.0, 1e-4]))
+def test_group_of_one_is_zero(r, scale, eps):
+    adv, frac = grpo.group_advantages(torch.tensor(r)[:, None], scale=scale, eps=eps)
+    assert torch.equal(adv, torch.zeros(len(r), 1)) and frac == 1.0
+    adv, frac = grpo.group_advantages(torch.tensor(r), G=1, scale=scale, eps=eps)
+    assert torch.equal(adv, torch.zeros(len(r))) and frac == 1.0
+
+
+@FAST
+@given(r=reward_batches(), scale=st.sampled_from(["group", "batch", "none"]), unbiased=st.booleans())
+def test_flat_input_equals_2d(r, scale, unbiased):
+    P, G = r.shape
+    adv, frac = grpo.group_advantages(r, scale=scale, unbiased=unbiased)
+    adv_flat, frac_flat = grpo.group_advantages(r.reshape(-1), G=G, scale=scale, unbiased=unbiased)
+    assert adv_flat.shape == (P * G,) and torch.equal(adv_flat, adv.reshape(-1)) and frac_flat == frac
+
+
+@FAST
+@given(r=reward_batches(), eps=st.sampled_from([0.0, 1e-4, 3.0]))
+def test_scale_none_is_centering_only(r, eps):
+    adv, _ = grpo.group_advantages(r, scale="none", eps=eps)
+    c = r.double() - r.double().mean(1, keepdim=True)
+    assert ((adv.double() - c).abs() <= 1e-6 + 8 * F32_EPS * c.abs().amax(1, keepdim=True)).all()
+
+
+@FAST
+@given(r=reward_batches(min_G=2), unbiased=st.booleans(), eps=st.sampled_from([0.0, 1e-4]))
+def test_scale_batch_divides_by_batch_std(r, unbiased, eps):
+    x = r.double()
+    s = x.std(unbiased=unbiased)
+    assume(s > 1e-3)
+    adv, _ = grpo.group_advantages(r, scale="batch", unbiased=unbiased, eps=eps)
+    const = r.amax(1) == r.amin(1)
+    ref = torch.where(const[:, None], 0.0, (x - x.mean(1, keepdim=True)) / (s + eps))
+    assert ((adv.double() - ref).abs() <= 1e-6 + 16 * F32_EPS * x.abs().max() / s).all()
+
+
+def test_advantage_defaults_and_numpy_std():
+    """Defaults: unbiased (Bessel) std and eps = 1e-4 (claim 1-2); unbiased=False is np.std (ddof=0)."""
+    r = torch.tensor([[0.0, 1.0, 1.0, 2.0], [3.0, -1.0, 0.5, 0.5]])
+    rn = r.numpy().astype(np.float64)
+    c = rn - rn.mean(1, keepdims=True)
+    default, _ = grpo.group_advantages(r)
+    assert np.allclose(default.numpy(), c / (rn.std(1, ddof=1, keepdims=True) + 1e-4), atol=1e-6)
+    biased, _ = grpo.group_advantages(r, unbiased=False, eps=0.0)
+    assert np.allclose(biased.numpy(), c / rn.std(1, keepdims=True), atol=1e-6)
+
+
+def test_advantage_argument_errors():
+    r = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="scale"):
+        grpo.group_advantages(r, scale="sequence")
+    with pytest.raises(ValueError, match="eps"):
+        grpo.group_advantages(r, eps=-1e-9)
+    with pytest.raises(ValueError, match="shape"):
+        grpo.group_advantages(torch.zeros(6))  # flat without G
+
+
+# ----------------------------------------------------------------------------- 2. k3
+
+LOGP = st.floats(-30, 5, allow_nan=False, allow_subnormal=False)
+
+
+@FAST
+@given(pairs=st.lists(st.tuples(LOGP, st.one_of(st.floats(-30, 30), st.floats(-1e-4, 1e-4)), st.booleans()),
+                     min_size=1, max_size=20),
+       dtype=st.sampled_from([torch.float64, torch.float32]))
+@example(pairs=[(0.0, 1e-8, False), (0.0, -1e-8, False), (-3.0, 2e-8, False)], dtype=torch.float64)
+@example(pairs=[(0.0, 1e-4, False), (0.0, -3e-4, False), (-1.0, 2e-4, False)], dtype=torch.float32)
+def test_k3_nonnegative_and_zero_iff_equal(pairs, dtype):
+    """k3 >= 0 as computed (also for tiny differences, where exp(d) - d - 1 can round below 0), exactly 0 where
+    logp == ref_logp, and > 0 where they differ by more than 1e-7 (float64) or 1e-3 (float32)."""
+    logp = torch.tensor([a for a, _, _ in pairs], dtype=dtype)
+    ref = torch.tensor([a if same else a + d for a, d, same in pairs], dtype=dtype)
+    k = grpo.k3(logp, ref)
+    assert (k >= 0).all(), k  # >= 0 as computed, not just in exact arithmetic
+    assert (k[logp == ref] == 0).all()
+    far = (logp.double() - ref.double()).abs() > (1e-7 if dtype == torch.float64 else 1e-3)
+    assert (k[far] > 0).all()
+
+
+@FAST
+@given(x=st.lists(st.tuples(LOGP, st.floats(-3, 3)), min_size=1, max_size=20))
+def test_k3_gradient(x):
+    """dk3/dlogp = 1 - pi_ref/pi (claim 7's coefficient), which is exactly 0 where logp == ref_logp."""
+    logp = torch.tensor([a for a, _ in x], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([a + d for a, d in x], dtype=torch.float64)
+    grpo.k3(logp, ref).sum().backward()
+    assert torch.allclose(logp.grad, 1 - torch.exp(ref - logp.detach()), rtol=1e-12, atol=1e-12)
+    same = logp.detach().clone().requires_grad_()
+    grpo.k3(same, same.detach().clone()).sum().backward()
+    assert torch.equal(same.grad, torch.zeros_like(same))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_k3_is_unbiased_for_reverse_kl(seed):
+    """Tokens drawn from pi: the mean of k3 estimates KL(pi || ref) (within 4 standard errors) and, for these
+    distributions, is many standard errors away from the forward KL(ref || pi)."""
+    g = torch.Generator().manual_seed(seed)
+    logp_all = torch.log_softmax(torch.randn(5, generator=g, dtype=torch.float64) * 1.5, 0)
+    ref_all = torch.log_softmax(torch.randn(5, generator=g, dtype=torch.float64) * 1.5, 0)
+    pi, ref = logp_all.exp(), ref_all.exp()
+    x = torch.multinomial(pi, 200_000, replacement=True, generator=g)
+    k = grpo.k3(logp_all[x], ref_all[x])
+    se = k.std().item() / math.sqrt(len(k))
+    kl_reverse = (pi * (logp_all - ref_all)).sum().item()
+    kl_forward = (ref * (ref_all - logp_all)).sum().item()
+    assert abs(k.mean().item() - kl_reverse) < 4 * se, (k.mean().item(), kl_reverse, se)
+    assert abs(kl_forward - kl_reverse) > 10 * se  # the check above could tell the two apart
+
+
+@FAST
+@given(theta=st.lists(st.floats(-3, 3), min_size=2, max_size=6), data=st.data())
+def test_k3_gradient_in_expectation_is_forward_kl(theta, data):
+    """Claim 7: sum_x pi(x) d/dtheta k3(log pi(x), log ref(x)) (sampling distribution held fixed) equals
+    d/dtheta KL(ref || pi_theta), computed exactly over a categorical pi_theta = softmax(theta)."""
+    ref_logits = torch.tensor(data.draw(st.lists(st.floats(-3, 3), min_size=len(theta), max_size=len(theta))),
+                              dtype=torch.float64)
+    ref_logp = torch.log_softmax(ref_logits, 0)
+    th = torch.tensor(theta, dtype=torch.float64, requires_grad=True)
+    logp = torch.log_softmax(th, 0)
+    (g_k3,) = torch.autograd.grad((logp.exp().detach() * grpo.k3(logp, ref_logp)).sum(), th)
+    th2 = th.detach().clone().requires_grad_()
+    (g_fwd,) = torch.autograd.grad((ref_logp.exp() * (ref_logp - torch.log_softmax(th2, 0))).sum(), th2)
+    assert torch.allclose(g_k3, g_fwd, atol=1e-10)
+
+
+def test_k3_gradient_is_not_reverse_kl_gradient():
+    th = torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64, requires_grad=True)
+    ref_logp = torch.log_softmax(torch.tensor([-1.0, 0.7, 0.0], dtype=torch.float64), 0)
+    logp = torch.log_softmax(th, 0)
+    (g_k3,) = torch.autograd.grad((logp.exp().detach() * grpo.k3(logp, ref_logp)).sum(), th, retain_graph=True)
+    (g_rev,) = torch.autograd.grad((logp.exp() * (logp - ref_logp)).sum(), th)
+    assert (g_k3 - g_rev).abs().max() > 1e-2
+
+
+# ----------------------------------------------------------------------------- 3. the loss
+
+ADV = st.one_of(st.floats(-3, 3, width=32, allow_subnormal=False), st.just(0.0))
+
+
+@st.composite
+def loss_batches(draw, max_N=5, max_T=6, log_ratio=st.one_of(st.floats(-1, 1), st.just(0.0))):
+    """float64 logp / old_logp / ref_logp (N, T), float32-exact advantages (N,), a random bool mask (N, T)."""
+    N, T = draw(st.integers(1, max_N)), draw(st.integers(1, max_T))
+    n = N * T
+    lst = lambda el, k: draw(st.lists(el, min_size=k, max_size=k))  # noqa: E731
+    logp = torch.tensor(lst(st.floats(-8, 0), n), dtype=torch.float64).view(N, T)
+    old = logp - torch.tensor(lst(log_ratio, n), dtype=torch.float64).view(N, T)
+    ref = logp + torch.tensor(lst(st.floats(-2, 2), n), dtype=torch.float64).view(N, T)
+    mask = torch.tensor(lst(st.booleans(), n)).view(N, T)
+    adv = torch.tensor(lst(ADV, N), dtype=torch.float64)
+    return dict(logp=logp, old=old, ref=ref, mask=mask, adv=adv, max_new=draw(st.integers(T, T + 4)))
+
+
+CLIP = dict(beta=st.sampled_from([0.0, 0.04, 0.5]), eps_low=st.floats(0.05, 0.5),
+            eps_high=st.one_of(st.none(), st.floats(0.05, 0.5)))
+
+
+def run_loss(b, loss_type, beta=0.04, eps_low=0.2, eps_high=None, logp=None, normalizer=None):
+    logp = b["logp"] if logp is None else logp
+    norm = grpo.loss_normalizer(loss_type, b["mask"], b["max_new"]) if normalizer is None else normalizer
+    return grpo.grpo_loss(logp, b["old"], b["adv"], b["mask"], norm, loss_type,
+                          ref_logp=b["ref"] if beta else None, beta=beta, eps_low=eps_low, eps_high=eps_high)
+
+
+def loop_reference(b, loss_type, beta, eps_low, eps_high):
+    """-J of DeepSeekMath eq. 3 token by token with Python floats, plus the stats; aggregation per loss_type."""
+    eps_high = eps_low if eps_high is None else eps_high
+    logp, old, ref, mask, adv = (b[k].tolist() for k in ("logp", "old", "ref", "mask", "adv"))
+    N, T = len(logp), len(logp[0])
+    seq_sums, seq_lens, kls, ratios, lows, highs = [], [], [], [], 0, 0
+    for i in range(N):
+        s, n = 0.0, 0
+        for t in range(T):
+            if not mask[i][t]:
+                continue
+            r = math.exp(logp[i][t] - old[i][t])
+            clipped = min(max(r, 1 - eps_low), 1 + eps_high)
+            term = -min(r * adv[i], clipped * adv[i])
+            d = ref[i][t] - logp[i][t]
+            kl = math.exp(d) - d - 1
+            if beta:
+                term += beta * kl
+            s, n = s + term, n + 1
+            kls.append(kl)
+            ratios.append(r)
+            lows += adv[i] < 0 and r < 1 - eps_low
+            highs += adv[i] > 0 and r > 1 + eps_high
+        seq_sums.append(s)
+        seq_lens.append(n)
+    M = sum(seq_lens)
+    if loss_type == "grpo":
+        loss = sum(s / n for s, n in zip(seq_sums, seq_lens) if n) / N
+    elif loss_type == "token":
+        loss = sum(seq_sums) / max(M, 1)
+    else:
+        loss = sum(seq_sums) / (N * b["max_new"])
+    mean = lambda v: sum(v) / M if M else 0.0  # noqa: E731
+    stats = dict(kl=mean(kls) if beta else 0.0, ratio=mean(ratios), clip_low=lows / max(M, 1),
+                 clip_high=highs / max(M, 1), tokens=M)
+    return loss, stats
+
+
+def away_from_clip_edges(b, eps_low, eps_high):
+    eps_high = eps_low if eps_high is None else eps_high
+    r = torch.exp(b["logp"] - b["old"])[b["mask"]]
+    return bool(((r - (1 - eps_low)).abs() > 1e-6).all() and ((r - (1 + eps_high)).abs() > 1e-6).all())
+
+
+@MEDIUM
+@given(b=loss_batches(), loss_type=st.sampled_from(grpo.LOSS_TYPES), **CLIP)
+def test_loss_matches_loop_reference(b, loss_type, beta, eps_low, eps_high):
+    assume(away_from_clip_edges(b, eps_low, eps_high))  # the strict clip comparisons of the stats
+    loss, stats = run_loss(b, loss_type, beta, eps_low, eps_high)
+    ref_loss, ref_stats = loop_reference(b, loss_type, beta, eps_low, eps_high)
+    assert loss.item() == pytest.approx(ref_loss, rel=1e-9, abs=1e-12)
+    assert stats["tokens"] == ref_stats["tokens"]
+    for k in ("kl", "ratio", "clip_low", "clip_high"):
+        assert stats[k] == pytest.approx(ref_stats[k], rel=1e-6, abs=1e-9), k
+
+
+@MEDIUM
+@given(b=loss_batches(), loss_type=st.sampled_from(grpo.LOSS_TYPES))
+def test_loss_normalizer_values(b, loss_type):
+    N, T = b["mask"].shape
+    expect = {"grpo": N, "token": max(int(b["mask"].sum()), 1), "dr_grpo": N * b["max_new"]}[loss_type]
+    assert grpo.loss_normalizer(loss_type, b["mask"], b["max_new"]) == expect
+
+
+@MEDIUM
+@given(b=loss_batches(log_ratio=st.just(0.0)), loss_type=st.sampled_from(grpo.LOSS_TYPES),
+       eps_low=st.floats(0.05, 0.5), eps_high=st.one_of(st.none(), st.floats(0.05, 0.5)))
+def test_gradient_at_ratio_one_is_policy_gradient(b, loss_type, eps_low, eps_high):
+    """logp == old_logp and beta == 0: d loss / d logp_it = -A_i * weight_it, the plain policy gradient."""
+    b["old"] = b["logp"].clone()
+    logp = b["logp"].clone().requires_grad_()
+    loss, _ = run_loss(b, loss_type, 0.0, eps_low, eps_high, logp=logp)
+    loss.backward()
+    m = b["mask"].double()
+    N = m.shape[0]
+    if loss_type == "grpo":
+        w = m / (m.sum(1, keepdim=True).clamp(min=1) * N)  # 1 / (|o_i| N)
+    elif loss_type == "token":
+        w = m / max(m.sum().item(), 1)  # 1 / total tokens
+    else:
+        w = m / (N * b["max_new"])  # 1 / (N max_new_tokens)
+    assert torch.allclose(logp.grad, -b["adv"][:, None] * w, rtol=1e-12, atol=0)
+
+
+@MEDIUM
+@given(b=loss_batches(log_ratio=st.floats(-1, 1)), loss_type=st.sampled_from(grpo.LOSS_TYPES),
+       eps_low=st.floats(0.05, 0.5), eps_high=st.one_of(st.none(), st.floats(0.05, 0.5)))
+def test_clipped_tokens_have_exactly_zero_gradient(b, loss_type, eps_low, eps_high):
+    """beta == 0: the gradient is exactly 0 where (A > 0, ratio > 1+eps_high) or (A < 0, ratio < 1-eps_low), and
+    -A * ratio * weight (so nonzero when A != 0) everywhere else in the mask."""
+    assume(away_from_clip_edges(b, eps_low, eps_high))
+    eh = eps_low if eps_high is None else eps_high
+    logp = b["logp"].clone().requires_grad_()
+    loss, _ = run_loss(b, loss_type, 0.0, eps_low, eps_high, logp=logp)
+    loss.backward()
+    ratio, A, m = torch.exp(b["logp"] - b["old"]), b["adv"][:, None], b["mask"]
+    clipped = m & (((A > 0) & (ratio > 1 + eh)) | ((A < 0) & (ratio < 1 - eps_low)))
+    live = m & ~clipped & (A != 0)
+    assert (logp.grad[clipped] == 0).all() and (logp.grad[~m] == 0).all()
+    assert (logp.grad[live] != 0).all()
+    md = m.double()
+    N = m.shape[0]
+    w = {"grpo": md / (md.sum(1, keepdim=True).clamp(min=1) * N), "token": md / max(md.sum().item(), 1),
+         "dr_grpo": md / (N * b["max_new"])}[loss_type]
+    assert torch.allclose(logp.grad[live], (-A * ratio * w)[live], rtol=1e-12, atol=0)
+
+
+JUNK = st.one_of(st.sampled_from([1e30, -1e30, math.inf, -math.inf, 0.0, 700.0, -700.0]),
+                 st.floats(allow_nan=False))
+
+
+@MEDIUM
+@given(b=loss_batches(), loss_type=st.sampled_from(grpo.LOSS_TYPES), data=st.data(), **CLIP)
+def test_padding_is_inert(b, loss_type, data, beta, eps_low, eps_high):
+    """Whatever logp / old_logp / ref_logp hold outside the mask (+-1e30, +-inf...), the loss, the stats and
+    every gradient are unchanged, and the gradients there are 0."""
+    def grads(logp, old, ref):
+        leaves = [x.clone().requires_grad_() for x in (logp, old, ref)]
+        bb = dict(b, old=leaves[1], ref=leaves[2])
+        loss, stats = run_loss(bb, loss_type, beta, eps_low, eps_high, logp=leaves[0])
+        loss.backward()
+        return loss.detach(), stats, [x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves]
+
+    pad = ~b["mask"]
+    n = int(pad.sum())
+    junk = [torch.tensor(data.draw(st.lists(JUNK, min_size=n, max_size=n)), dtype=torch.float64) for _ in range(3)]
+    dirty = []
+    for x, j in zip((b["logp"], b["old"], b["ref"]), junk):
+        x = x.clone()
+        x[pad] = j
+        dirty.append(x)
+    loss0, stats0, g0 = grads(b["logp"], b["old"], b["ref"])
+    loss1, stats1, g1 = grads(*dirty)
+    assert torch.equal(loss0, loss1) and torch.isfinite(loss1) and stats0 == stats1
+    for a, c in zip(g0, g1):
+        assert torch.equal(a, c) and (c[pad] == 0).all() and torch.isfinite(c).all()
+
+
+@MEDIUM
+@given(b=loss_batches(), loss_type=st.sampled_from(grpo.LOSS_TYPES), data=st.data(), **CLIP)
+def test_microbatch_accumulation_equals_whole_batch(b, loss_type, data, beta, eps_low, eps_high):
+    """Any partition of the rows into micro-batches, each given the whole batch's normaliser, with gradients
+    accumulated into shared parameters, gives the whole batch's loss and gradient."""
+    N, T = b["mask"].shape
+    k = data.draw(st.integers(1, N))
+    part = torch.tensor(data.draw(st.lists(st.integers(0, k - 1), min_size=N, max_size=N)))
+    norm = grpo.loss_normalizer(loss_type, b["mask"], b["max_new"])
+    feat = torch.linspace(-1, 1, N * T, dtype=torch.float64).view(N, T)
+
+    def policy(w):  # logp as a function of shared parameters w (T,), equal to b["logp"] at w = 0.1
+        return b["logp"] + feat * (w - 0.1)[None, :]
+
+    w_full = torch.full((T,), 0.1, dtype=torch.float64, requires_grad=True)
+    loss_full, _ = run_loss(b, loss_type, beta, eps_low, eps_high, logp=policy(w_full), normalizer=norm)
+    loss_full.backward()
+
+    w_acc = torch.full((T,), 0.1, dtype=torch.float64, requires_grad=True)
+    total = 0.0
+    for j in range(k):
+        rows = (part == j).nonzero().squeeze(1)
+        if len(rows) == 0:
+            continue
+        mb = {key: (v[rows] if torch.is_tensor(v) else v) for key, v in b.items()}
+        loss_mb, _ = run_loss(mb, loss_type, beta, eps_low, eps_high, logp=policy(w_acc)[rows], normalizer=norm)
+        loss_mb.backward()  # accumulates into w_acc.grad
+        total += loss_mb.item()
+    assert total == pytest.approx(loss_full.item(), rel=1e-10, abs=1e-12)
+    assert torch.allclose(w_acc.grad, w_full.grad, rtol=1e-10, atol=1e-12)
+
+
+@MEDIUM
+@given(b=loss_batches(), extra=st.integers(1, 5), data=st.data(), **CLIP)
+def test_stats_not_diluted_by_padding(b, extra, data, beta, eps_low, eps_high):
+    """Appending padded columns (any values, mask False) changes neither the loss (dr_grpo keeping its
+    max_new_tokens) nor the stats; kl is the masked mean of k3."""
+    N, T = b["mask"].shape
+    wide = dict(b)
+    for key in ("logp", "old", "ref"):
+        junk = torch.tensor(data.draw(st.lists(st.floats(-50, 5), min_size=N * extra, max_size=N * extra)),
+                            dtype=torch.float64).view(N, extra)
+        wide[key] = torch.cat([b[key], junk], 1)
+    wide["mask"] = torch.cat([b["mask"], torch.zeros(N, extra, dtype=torch.bool)], 1)
+    for loss_type in grpo.LOSS_TYPES:
+        l0, s0 = run_loss(b, loss_type, beta, eps_low, eps_high)
+        l1, s1 = run_loss(wide, loss_type, beta, eps_low, eps_high)
+        assert l1.item() == pytest.approx(l0.item(), rel=1e-12, abs=1e-15)
+        assert s1 == pytest.approx(s0, rel=1e-12, abs=1e-15)
+    if beta:
+        m = b["mask"]
+        expect = grpo.k3(b["logp"], b["ref"])[m].mean().item() if m.any() else 0.0
+        assert s0["kl"] == pytest.approx(expect, rel=1e-9, abs=1e-15)
+
+
+@MEDIUM
+@given(b=loss_batches(), loss_type=st.sampled_from(grpo.LOSS_TYPES), eps_low=st.floats(0.05, 0.5))
+def test_beta_zero_skips_reference_and_eps_high_default(b, loss_type, eps_low):
+    """beta == 0: ref_logp may be None, and a garbage ref_logp (NaN) is never read; eps_high defaults to eps_low."""
+    norm = grpo.loss_normalizer(loss_type, b["mask"], b["max_new"])
+    args = (b["logp"], b["old"], b["adv"], b["mask"], norm, loss_type)
+    l0, s0 = grpo.grpo_loss(*args, ref_logp=None, beta=0.0, eps_low=eps_low)
+    l1, s1 = grpo.grpo_loss(*args, ref_logp=torch.full_like(b["logp"], math.nan), beta=0.0, eps_low=eps_low)
+    assert torch.equal(l0, l1) and s0 == s1 and s0["kl"] == 0.0
+    l2, s2 = grpo.grpo_loss(*args, ref_logp=None, beta=0.0, eps_low=eps_low, eps_high=eps_low)
+    assert torch.equal(l0, l2) and s0 == s2
+
+
+def test_loss_argument_errors():
+    x, mask, adv = torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), torch.ones(2)
+    with pytest.raises(ValueError, match="ref_logp"):
+        grpo.grpo_loss(x, x, adv, mask, 2.0, "grpo", ref_logp=None, beta=0.04)
+    with pytest.raises(ValueError, match="loss_type"):
+        grpo.grpo_loss(x, x, adv, mask, 2.0, "seq", ref_logp=x)
+    with pytest.raises(ValueError, match="loss_type"):
+        grpo.loss_normalizer("bnpo", mask)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        grpo.loss_normalizer("dr_grpo", mask)
+
+
+# ----------------------------------------------------------------------------- 4. token log-probs
+
+@pytest.fixture(scope="module")
+def tiny64():
+    return random_model().double()  # float64, so the reference and the chunked path differ only by rounding
+
+
+def make_rollout(prompt_lens, comp_lens, T, V, seed):
+    """Left-padded prompts (junk ids in the padding) and completions (junk ids after each row's length)."""
+    g = torch.Generator().manual_seed(seed)
+    N, Tp = len(prompt_lens), max(prompt_lens)
+    prompt_ids = torch.randint(0, V, (N, Tp), generator=g)
+    prompt_mask = torch.arange(Tp)[None, :] >= Tp - torch.tensor(prompt_lens)[:, None]
+    completion_ids = torch.randint(0, V, (N, T), generator=g)
+    completion_mask = torch.arange(T)[None, :] < torch.tensor(comp_lens)[:, None]
+    return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
+def naive_logprobs(model, prompt_ids, prompt_mask, completion_ids, comp_lens, temperature):
+    """Row by row, no padding: forward prompt + completion[:len], log_softmax(logits / T), gather."""
+    out = []
+    for i, L in enumerate(comp_lens):
+        p = prompt_ids[i][prompt_mask[i]]
+        row = torch.zeros(completion_ids.shape[1], dtype=torch.float64)
+        if L:
+            ids = torch.cat([p, completion_ids[i, :L]])[None]
+            lp = torch.log_softmax(model(ids)[0].double() / temperature, -1)  # (len, V)
+            pos = torch.arange(len(p) - 1, len(p) - 1 + L)
+            row = torch.cat([lp[pos, completion_ids[i, :L]], torch.zeros(completion_ids.shape[1] - L)])
+        out.append(row)
+    return torch.stack(out)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prompt_lens=st.lists(st.integers(1, 5), min_size=1, max_size=4), data=st.data(),
+       chunk=st.sampled_from([1, 2, 3, 7, 1024]), temperature=st.sampled_from([1.0, 0.7, 1.6]),
+       seed=st.integers(0, 2 ** 16))
+def test_token_logprobs_equal_naive(tiny64, prompt_lens, data, chunk, temperature, seed):
+    T = data.draw(st.integers(1, 6))
+    comp_lens = data.draw(st.lists(st.integers(0, T), min_size=len(prompt_lens), max_size=len(prompt_lens)))
+    V = tiny64.config.vocab_size
+    p_ids, p_mask, c_ids, c_mask = make_rollout(prompt_lens, comp_lens, T, V, seed)
+    with torch.no_grad():
+        ref = naive_logprobs(tiny64, p_ids, p_mask, c_ids, comp_lens, temperature)
+        out_nograd = grpo.token_logprobs(tiny64, p_ids, p_mask, c_ids, c_mask, temperature, chunk=chunk)
+    out = grpo.token_logprobs(tiny64, p_ids, p_mask, c_ids, c_mask, temperature, chunk=chunk)
+    assert out.shape == c_ids.shape and out.dtype == torch.float32
+    assert torch.equal(out[~c_mask], torch.zeros(int((~c_mask).sum())))
+    assert torch.allclose(out.double(), ref, atol=2e-5, rtol=1e-5)
+    assert torch.equal(out.detach(), out_nograd)
+
+
+def test_temperature_zero_reports_temperature_one(tiny64):
+    args = make_rollout([3, 1], [2, 4], 4, tiny64.config.vocab_size, 0)
+    with torch.no_grad():
+        assert torch.equal(grpo.token_logprobs(tiny64, *args, temperature=0), grpo.token_logprobs(tiny64, *args))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 4096])
+def test_token_logprobs_parameter_gradient_equals_naive(tiny64, chunk):
+    prompt_lens, comp_lens, T = [4, 1, 3, 2], [5, 2, 0, 3], 5
+    p_ids, p_mask, c_ids, c_mask = make_rollout(prompt_lens, comp_lens, T, tiny64.config.vocab_size, 7)
+    params = [p for p in tiny64.parameters()]
+    tiny64.zero_grad(set_to_none=True)
+    grpo.token_logprobs(tiny64, p_ids, p_mask, c_ids, c_mask, 0.8, chunk=chunk).sum().backward()
+    got = [p.grad.clone() for p in params]
+    tiny64.zero_grad(set_to_none=True)
+    naive_logprobs(tiny64, p_ids, p_mask, c_ids, comp_lens, 0.8).sum().backward()
+    want = [p.grad.clone() for p in params]
+    tiny64.zero_grad(set_to_none=True)
+    for (name, _), a, b in zip(tiny64.named_parameters(), got, want):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest element count of any tensor an aten op returns, forward and backward alike (CPU
+    backward runs on this thread, so the mode sees the checkpoint's recomputation and the gradient ops too)."""
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_peak_memory_scales_with_chunk_not_T_times_V():
+    """Claim: peak memory scales with `chunk`, not with T*V.
+
+    Two measurements on a model with V = 8192, C = 32 and M = N*T = 512 completion tokens (N*T*V = 4.2M floats):
+    1. The largest tensor any op creates during forward + backward (a TorchDispatchMode): with chunk = c it is
+       max(c, C) * V, i.e. the (c, V) logits or the (V, C) gradient of lm_head, which every method needs; it is
+       M*V only when one chunk holds every token. The backward alone does recompute (c, V) logits, no bigger.
+    2. The tensors kept for backward (saved_tensors_hooks), which is what stays alive between forward and
+       backward: no (chunk, V) logits are kept at all (the checkpoint recomputes them), so what is saved
+       outside the parameters is far below M*V*4 bytes, whereas the same computation without the checkpoint
+       (grpo._chunk_logprobs on all tokens at once) keeps at least M*V*4 bytes.
+    """
+    V = 8192
+    model = random_model(vocab_size=V, hidden_size=32)
+    C = model.config.hidden_size
+    N, Tp, T = 8, 4, 64
+    M = N * T
+    g = torch.Generator().manual_seed(0)
+    p_ids, c_ids = torch.randint(0, V, (N, Tp), generator=g), torch.randint(0, V, (N, T), generator=g)
+    p_mask, c_mask = torch.ones(N, Tp, dtype=torch.bool), torch.ones(N, T, dtype=torch.bool)
+
+    peaks = {}
+    for chunk in (16, 128, M):
+        fwd, bwd = LargestTensor(), LargestTensor()
+        with fwd:
+            lp = grpo.token_logprobs(model, p_ids, p_mask, c_ids, c_mask, chunk=chunk)
+        with bwd:
+            lp.sum().backward()
+        model.zero_grad(set_to_none=True)
+        peaks[chunk] = (fwd.largest, bwd.largest)
+    assert max(peaks[M]) >= M * V  # the instrument does see the logits when they are T*V-sized
+    for chunk in (16, 128):
+        assert max(peaks[chunk]) <= max(chunk, C) * V
+        assert peaks[chunk][1] >= chunk * V  # the backward recomputes (chunk, V) logits...
+    assert 8 * max(peaks[16]) <= M * V  # ...and with a small chunk nothing comes near N*T*V
+
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved_bytes(fn):
+        saved = {}
+
+        def pack(t):
+            s = t.untyped_storage()
+            if s.data_ptr() not in param_storages:
+                saved[s.data_ptr()] = max(saved.get(s.data_ptr(), 0), s.nbytes())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(saved.values()), max(saved.values())
+
+    total, largest = saved_bytes(lambda: grpo.token_logprobs(model, p_ids, p_mask, c_ids, c_mask, chunk=16))
+    assert largest < 16 * V * 4 and total < M * V * 4 / 4
+    h = torch.randn(M, C, requires_grad=True)
+    total_plain, _ = saved_bytes(lambda: grpo._chunk_logprobs(h, model.lm_head.weight, c_ids.reshape(-1), 1.0))
+    assert total_plain >= M * V * 4 > 4 * total

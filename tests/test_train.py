@@ -1,0 +1,182 @@
+"""train.py on CPU with a tiny random checkpoint and tiny jsonl files made here: CLI, checkpoints, resume,
+micro-batch invariance, no reference model at beta=0, and the documented errors."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from model import Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUESTIONS = ["Tom has 3 apples and buys 4 more. How many apples?", "A box holds 12 pens. How many in 2 boxes?",
+             "Sara reads 5 pages a day for 6 days. How many pages?", "What is 10 minus 7?",
+             "A car has 4 wheels. How many wheels on 3 cars?", "Half of 18 is what?"]
+ANSWERS = [7, 24, 30, 3, 12, 9]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    for split in ("train", "test"):
+        with open(d / f"{split}.jsonl", "w") as f:
+            for q, a in zip(QUESTIONS, ANSWERS):
+                f.write(json.dumps({"question": q, "answer": f"Some work.\n#### {a}"}) + "\n")
+    return str(d)
+
+
+def chars_near_20(completion, **_):
+    """A reward that varies between random completions, so the tiny model gets a real gradient."""
+    return -abs(len(completion) - 20) / 20
+
+
+@pytest.fixture
+def toy_task(monkeypatch):
+    g = train.TASKS["gsm8k"]
+    monkeypatch.setitem(train.TASKS, "toy", train.Task(g.load, g.prompt, [(1.0, chars_near_20)], g.metrics))
+
+
+def args(ckpt, data, out, *extra):
+    return ["--model", ckpt, "--data-dir", data, "--out", str(out), "--prompts-per-step", "2", "--group-size", "4",
+            "--max-new-tokens", "12", "--eval-n", "3", "--eval-batch", "2", "--lr", "1e-2", "--warmup-steps", "1",
+            "--seed", "3", *extra]
+
+
+def metrics(run):
+    return [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))]
+
+
+TIMING = ("sample_s", "train_s", "tokens_per_s")
+
+
+def without_timing(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_cli_three_steps_writes_metrics_eval_and_loadable_checkpoint(tiny_ckpt, data_dir, tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "train.py", "--task", "gsm8k", "--steps", "3", "--save-every", "2",
+                        *args(tiny_ckpt, data_dir, out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = metrics(out)
+    assert [m["step"] for m in rows] == [1, 2, 3]
+    for key in ("reward_mean", "reward_std", "reward/correct", "reward/xml_count", "acc_strict", "acc_lenient",
+                "zero_std_frac", "len_mean", "len_max", "truncated_frac", "clip_low", "clip_high", "kl",
+                "grad_norm", "lr", "sample_s", "train_s", "tokens_per_s"):
+        assert key in rows[0], key
+    evals = [json.loads(l) for l in open(out / "eval.jsonl")]
+    assert [e["step"] for e in evals] == [0, 3] and evals[0]["n"] == 3
+    assert {"config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"} <= set(os.listdir(out / "step-3"))
+    assert os.path.isdir(out / "step-2")
+    ours = Transformer.from_pretrained(str(out / "step-3"))
+    ids = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        logits = ours(ids)
+    tr = pytest.importorskip("transformers")
+    theirs = tr.AutoModelForCausalLM.from_pretrained(out / "step-3", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, theirs(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_resume_equals_uninterrupted(tiny_ckpt, data_dir, tmp_path, toy_task):
+    out = tmp_path / "run"
+    train.main(["--task", "toy", "--steps", "4", "--save-every", "2", "--keep-last", "5", *args(tiny_ckpt, data_dir, out)])
+    full = metrics(out)
+    assert full[0]["kl"] == 0 and full[2]["kl"] > 0 and full[0]["reward_std"] > 0  # a real update happened
+    # a crash after step 2's checkpoint: step 4 never completed, step 3's write was cut half way
+    shutil.rmtree(out / "step-4")
+    os.rename(out / "step-2", out / "keep")
+    shutil.copytree(out / "keep", out / ".step-3.tmp")
+    os.rename(out / "keep", out / "step-2")
+    train.main(["--resume", str(out)])
+    resumed = metrics(out)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    assert without_timing(resumed[2:]) == without_timing(full[2:])
+
+
+def test_micro_batch_changes_memory_not_the_update(tiny_ckpt, data_dir, tmp_path, toy_task):
+    params = []
+    for mb in ("1", "8"):
+        for loss_type in ("grpo", "token", "dr_grpo"):
+            out = tmp_path / f"mb{mb}-{loss_type}"
+            train.main(["--task", "toy", "--steps", "1", "--micro-batch", mb, "--loss-type", loss_type,
+                        *args(tiny_ckpt, data_dir, out)])
+            params.append((loss_type, Transformer.from_pretrained(str(out / "step-1")).state_dict()))
+    init = Transformer.from_pretrained(tiny_ckpt).state_dict()
+    # Adam's first step moves each weight by about lr * g / (|g| + 1e-8), which amplifies fp32 summation-order
+    # noise on gradients near 1e-8; so compare against the size of the step itself (lr = 1e-2): within 2% of it.
+    for (lt, a), (_, b) in zip(params[:3], params[3:]):
+        assert max((a[k] - init[k]).abs().max() for k in a) > 0.009, lt  # a real step was taken
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=2e-4, rtol=0, msg=f"{lt} {k}")
+
+
+def test_beta_zero_loads_no_reference_model(tiny_ckpt, data_dir, tmp_path, monkeypatch):
+    loads = []
+    real = Transformer.from_pretrained.__func__
+    monkeypatch.setattr(Transformer, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a) or real(cls, *a, **k)))
+    train.main(["--steps", "1", "--beta", "0", *args(tiny_ckpt, data_dir, tmp_path / "b0")])
+    assert len(loads) == 1
+    train.main(["--steps", "1", "--beta", "0.04", *args(tiny_ckpt, data_dir, tmp_path / "b1")])
+    assert len(loads) == 3
+
+
+def test_missing_data_dir(tiny_ckpt, tmp_path):
+    with pytest.raises(SystemExit, match="train.jsonl not found: --data-dir must hold"):
+        train.main(["--steps", "1", *args(tiny_ckpt, str(tmp_path / "nope"), tmp_path / "r")])
+
+
+def test_corrupt_data_line_named(tiny_ckpt, data_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(data_dir, bad)
+    with open(bad / "train.jsonl", "a") as f:
+        f.write('{"question": "no answer here"}\n')
+    with pytest.raises(SystemExit, match=r"train.jsonl:7: bad GSM8K line \(KeyError"):
+        train.main(["--steps", "1", *args(tiny_ckpt, str(bad), tmp_path / "r")])
+
+
+def test_offline_without_data_says_how_to_pass_data_dir(tiny_ckpt, tmp_path, monkeypatch):
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(train.urllib.request, "urlopen", offline)
+    a = args(tiny_ckpt, "", tmp_path / "r", "--cache-dir", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit, match="could not download GSM8K train.*pass --data-dir DIR"):
+        train.main(["--steps", "1", *a])
+
+
+def test_download_is_checksummed(tmp_path, monkeypatch):
+    import io
+    monkeypatch.setattr(train.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(b"tampered\n"))
+    cfg = train.TrainConfig(cache_dir=str(tmp_path))
+    with pytest.raises(SystemExit, match="wrong sha256"):
+        train.gsm8k_file(cfg, "test")
+    assert not os.path.exists(tmp_path / "gsm8k" / "test.jsonl")
+
+
+def test_bad_flags_and_unknown_task(tiny_ckpt, data_dir, tmp_path):
+    with pytest.raises(SystemExit, match="unknown task 'chess'; known: gsm8k"):
+        train.main(["--task", "chess", *args(tiny_ckpt, data_dir, tmp_path / "r")])
+    with pytest.raises(SystemExit, match="--group-size must be >= 1"):
+        train.main([*args(tiny_ckpt, data_dir, tmp_path / "r"), "--group-size", "0"])
+    with pytest.raises(SystemExit, match="could not load model"):
+        train.main(["--steps", "1", *args(str(tmp_path / "no-model"), data_dir, tmp_path / "r")])
+    r = subprocess.run([sys.executable, "train.py", "--steps", "many"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid int value: 'many'" in r.stderr
+
+
+def test_help_documents_every_flag_with_default():
+    r = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    for f in train.fields(train.TrainConfig):
+        assert "--" + f.name.replace("_", "-") in r.stdout
+    assert "(default: Qwen/Qwen2.5-0.5B-Instruct)" in " ".join(r.stdout.split())
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor():
+    cfg = train.TrainConfig(lr=1.0, warmup_steps=4, steps=20, min_lr_ratio=0.1)
+    lrs = [train.lr_at(s, cfg) for s in range(1, 21)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and abs(lrs[-1] - 0.1) < 1e-12
