@@ -89,15 +89,17 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- inputs
 
+def chat_messages(i):
+    """Prompt i as chat messages: the system prompt and one question; distinct for every i."""
+    q = QUESTIONS[i % len(QUESTIONS)]
+    if i >= len(QUESTIONS):
+        q = f"(Variant {i // len(QUESTIONS)}) {q}"  # keep prompts distinct past the list's end
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": q}]
+
+
 def chat_prompts(tok, P):
-    """P distinct ChatML prompts (system + one question each), token ids of different lengths."""
-    out = []
-    for i in range(P):
-        q = QUESTIONS[i % len(QUESTIONS)]
-        if i >= len(QUESTIONS):
-            q = f"(Variant {i // len(QUESTIONS)}) {q}"  # keep prompts distinct past the list's end
-        out.append(tok.encode_chat([{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": q}]))
-    return out
+    """P distinct ChatML prompts as token ids, of different lengths."""
+    return [tok.encode_chat(chat_messages(i)) for i in range(P)]
 
 
 def random_prompts(P, vocab_size, seed):
@@ -313,7 +315,7 @@ def resolve_trl_python(trl_python=""):
     return sys.executable if importlib.util.find_spec("trl") is not None else None
 
 
-def time_trl_step(model_dir, P=2, G=8, N=64, beta=0.04, steps=3, threads=None, trl_python=""):
+def time_trl_step(model_dir, P=2, G=8, N=64, beta=0.04, steps=3, threads=None, trl_python="", temperature=0.7):
     """Median seconds per TRL GRPOTrainer optimizer step (P prompts x G completions, after a warm-up), or None.
 
     Runs in a subprocess under the TRL interpreter (see resolve_trl_python), so TRL never enters this process.
@@ -323,32 +325,39 @@ def time_trl_step(model_dir, P=2, G=8, N=64, beta=0.04, steps=3, threads=None, t
     if python is None:
         print(f"TRL: skipped (no {TRL_VENV_PYTHON} and this interpreter cannot import trl; see bench.py's docstring)")
         return None
-    kwargs = dict(model_dir=os.path.abspath(model_dir), P=P, G=G, N=N, beta=beta, steps=steps, threads=threads)
+    kwargs = dict(model_dir=os.path.abspath(model_dir), P=P, G=G, N=N, beta=beta, steps=steps, threads=threads,
+                  temperature=temperature)
     code = "import json, sys, bench; print('TRL_STEP_SECONDS', bench._trl_step_inprocess(**json.loads(sys.argv[1])))"
     proc = subprocess.run([python, "-c", code, json.dumps(kwargs)], cwd=HERE, capture_output=True, text=True,
                           env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
     for line in proc.stdout.splitlines():
+        if line.startswith("TRL "):
+            print(line)
         if line.startswith("TRL_STEP_SECONDS "):
             return float(line.split()[1])
     raise RuntimeError(f"TRL run under {python} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
-def _trl_step_inprocess(model_dir, P, G, N, beta, steps, threads):
+def _trl_step_inprocess(model_dir, P, G, N, beta, steps, threads, temperature):
     """The body of time_trl_step, run under the TRL interpreter: GRPOTrainer on CPU, fp32, no vLLM, no saving."""
     import datasets
     import transformers
+    import trl
     from trl import GRPOConfig, GRPOTrainer
     from tokenizer import Tokenizer
 
     if threads:
         torch.set_num_threads(threads)
-    texts = [Tokenizer(model_dir).chatml([{"role": "system", "content": SYSTEM_PROMPT},
-                                          {"role": "user", "content": q}]) for q in QUESTIONS]
-    # (steps + 1) * P rows: exactly the prompts one warm-up plus `steps` timed steps consume
-    data = datasets.Dataset.from_list([{"prompt": texts[i % len(texts)]} for i in range((steps + 1) * P)])
+    # the sampler benchmark's P prompts as ChatML text (tokenized by TRL to the same ids), once per step:
+    # with shuffle_dataset=False every step, warm-up included, sees exactly prompts 0 .. P-1
+    texts = [Tokenizer.chatml(chat_messages(i)) for i in range(P)]
+    data = datasets.Dataset.from_list([{"prompt": texts[i % P]} for i in range((steps + 1) * P)])
+
+    batches = []  # completions per reward call: checks that one step really is P x G
 
     def reward_len(completions, **kwargs):
         """Trivial reward, so the step time is the trainer's own: shorter completions score higher."""
+        batches.append(len(completions))
         return [-len(c) / 100.0 for c in completions]
 
     extra = {}
@@ -357,10 +366,11 @@ def _trl_step_inprocess(model_dir, P, G, N, beta, steps, threads):
     args = GRPOConfig(
         output_dir=os.path.join(tempfile.gettempdir(), "bench_trl"), report_to="none", logging_strategy="no",
         save_strategy="no", disable_tqdm=True, use_cpu=True, bf16=False, fp16=False, use_vllm=False, seed=0,
+        shuffle_dataset=False,
         # recent TRL counts completions in per_device_train_batch_size: P*G of them = P prompts x G generations
         per_device_train_batch_size=P * G, num_generations=G, gradient_accumulation_steps=1,
         steps_per_generation=1, num_iterations=1, max_steps=steps + 1, max_completion_length=N,
-        temperature=0.7, top_p=1.0, top_k=0, beta=beta, learning_rate=1e-6, dataloader_num_workers=0, **extra)
+        temperature=temperature, top_p=1.0, top_k=0, beta=beta, learning_rate=1e-6, dataloader_num_workers=0, **extra)
 
     class StepTimer(transformers.TrainerCallback):
         """Wall time between on_step_begin and on_step_end: generation, rewards, loss, backward, optimizer."""
@@ -380,7 +390,8 @@ def _trl_step_inprocess(model_dir, P, G, N, beta, steps, threads):
                           processing_class=tok, callbacks=[timer])
     trainer.train()
     assert len(timer.secs) == steps + 1, f"expected {steps + 1} steps, timed {len(timer.secs)}"
-    print("TRL step seconds (first is warm-up):", [round(s, 3) for s in timer.secs], file=sys.stderr)
+    print(f"TRL {trl.__version__}: step seconds (first is warm-up) {[round(s, 2) for s in timer.secs]}, "
+          f"completions per step {batches}")
     return statistics.median(timer.secs[1:])
 
 
@@ -388,13 +399,22 @@ def cmd_trl_step(cfg):
     """Prints TRL GRPOTrainer's median seconds per step on cfg.model."""
     t0 = time.perf_counter()
     secs = time_trl_step(cfg.model, cfg.num_prompts, cfg.group_size, cfg.max_new_tokens, cfg.beta, cfg.trl_steps,
-                         cfg.threads or None, cfg.trl_python)
+                         cfg.threads or None, cfg.trl_python, cfg.temperature)
     if secs is not None:
         print(f"(TRL subprocess wall time {time.perf_counter() - t0:.1f}s incl. loading)")
         print(f"RESULT trl_step seconds={secs:.3f}")
 
 
-# a later `step` subcommand (our own train step) registers here and calls time_trl_step for its ratio
+def compare_with_trl(cfg, ours_seconds):
+    """Hook for a `step` subcommand: time TRL at cfg's shape and print ours vs TRL seconds per step."""
+    trl_seconds = time_trl_step(cfg.model, cfg.num_prompts, cfg.group_size, cfg.max_new_tokens, cfg.beta,
+                                cfg.trl_steps, cfg.threads or None, cfg.trl_python, cfg.temperature)
+    ratio = f"{trl_seconds / ours_seconds:.2f}x" if trl_seconds else "n/a"
+    print(f"RESULT step ours={ours_seconds:.3f}s trl={trl_seconds or float('nan'):.3f}s speedup_vs_trl={ratio}")
+    return trl_seconds
+
+
+# a later `step` subcommand (timing our own train step) registers here and calls compare_with_trl
 COMMANDS = {"sampler": cmd_sampler, "trl-step": cmd_trl_step}
 
 

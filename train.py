@@ -119,8 +119,10 @@ class Task:
 GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{}.jsonl"
 GSM8K_SHA256 = {"train": "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",
                 "test": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14"}
-GSM8K_SYSTEM = ("Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
-                "The answer is a single number.")
+GSM8K_SYSTEM = "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
+# repeated after the question: small models (SmolLM2-135M) ignore a system-only format instruction
+GSM8K_USER = ("{question}\n\nFirst think inside <reasoning> </reasoning> tags, then give the final number inside "
+              "<answer> </answer> tags.")
 
 
 def sha256(path):
@@ -171,7 +173,8 @@ def read_gsm8k(path):
 TASKS = {
     "gsm8k": Task(
         load=lambda cfg: (read_gsm8k(gsm8k_file(cfg, "train")), read_gsm8k(gsm8k_file(cfg, "test"))),
-        prompt=lambda ex: [{"role": "system", "content": GSM8K_SYSTEM}, {"role": "user", "content": ex["question"]}],
+        prompt=lambda ex: [{"role": "system", "content": GSM8K_SYSTEM},
+                           {"role": "user", "content": GSM8K_USER.format(question=ex["question"])}],
         rewards=R.GSM8K_REWARDS,
         metrics={"acc_strict": R.correct, "acc_lenient": R.correct_lenient},
     ),
@@ -408,6 +411,7 @@ def main(argv=None):
     try:
         for step in range(start + 1, cfg.steps + 1):
             # ---- 1. prompts: this rank's share of the step's global batch
+            t_step = time.time()
             idx, pos = data_indices(step, cfg, len(train))
             idx, pos = idx[rank * P:(rank + 1) * P], pos[rank * P:(rank + 1) * P]
             examples = [train[i] for i in idx]
@@ -490,7 +494,7 @@ def main(argv=None):
                 **{f"reward/{k}": sum(v) for k, v in per_fn.items()}, **{k: sum(v) for k, v in accs.items()},
                 "zero_std": zero_std * P, "groups": P, "len": float(ro.lengths.sum()),
                 "truncated": float((~ro.stopped).sum()), "completion_tokens": n_tok, "sample_s": t_sample,
-                "train_s": t_train, **{k: v for k, v in sums.items() if k != "loss"}, "loss": sums["loss"]}, world)
+                "train_s": t_train, "step_s": time.time() - t_step, **sums}, world)
             len_max = torch.tensor(float(ro.lengths.max()))
             if world > 1:
                 len_max = len_max.to(dist_device())
@@ -504,8 +508,8 @@ def main(argv=None):
                 "truncated_frac": g["truncated"] / n, "kl": g["kl"] / ntok, "ratio": g["ratio"] / ntok,
                 "clip_low": g["clip_low"] / ntok, "clip_high": g["clip_high"] / ntok, "loss": g["loss"] / cfg.mu,
                 "grad_norm": gn.item(), "lr": lr, "sample_s": g["sample_s"] / world, "train_s": g["train_s"] / world,
-                "completion_tokens": g["completion_tokens"],
-                "tokens_per_s": g["completion_tokens"] / max((g["sample_s"] + g["train_s"]) / world, 1e-9),
+                "step_s": g["step_s"] / world, "completion_tokens": g["completion_tokens"],
+                "tokens_per_s": g["completion_tokens"] / max(g["step_s"] / world, 1e-9),  # whole step, all ranks
             }
             if rank == 0:
                 with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:

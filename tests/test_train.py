@@ -50,7 +50,7 @@ def metrics(run):
     return [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))]
 
 
-TIMING = ("sample_s", "train_s", "tokens_per_s")
+TIMING = ("sample_s", "train_s", "step_s", "tokens_per_s")
 
 
 def without_timing(rows):
@@ -66,7 +66,7 @@ def test_cli_three_steps_writes_metrics_eval_and_loadable_checkpoint(tiny_ckpt, 
     assert [m["step"] for m in rows] == [1, 2, 3]
     for key in ("reward_mean", "reward_std", "reward/correct", "reward/xml_count", "acc_strict", "acc_lenient",
                 "zero_std_frac", "len_mean", "len_max", "truncated_frac", "clip_low", "clip_high", "kl",
-                "grad_norm", "lr", "sample_s", "train_s", "tokens_per_s"):
+                "grad_norm", "lr", "sample_s", "train_s", "step_s", "tokens_per_s"):
         assert key in rows[0], key
     evals = [json.loads(l) for l in open(out / "eval.jsonl")]
     assert [e["step"] for e in evals] == [0, 3] and evals[0]["n"] == 3
