@@ -104,26 +104,30 @@ class KVCache:
     Rows are left-padded, so every row writes its next token at the same index `pos`. `valid` marks which
     indices hold a real token, which is what the attention mask is built from. `rows` selects the rows a
     forward writes: sample.py prefills P prompts into rows 0, G, 2G, ... and then `fan_out(G)` copies them.
+    One tensor per layer, written with index_copy_: under torch.compile a slice assignment into one big
+    (L, B, K, S, D) tensor becomes a copy of the whole cache per layer.
     """
     def __init__(self, cfg, batch, max_len, device=None, dtype=torch.float32):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)  # (L, B, K, S, D)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)  # (B, K, S, D)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # (B, S)
         self.pos, self.rows = 0, slice(None)
 
     def write(self, layer, k, v):
         """Store k, v (B, K, T, D) at [pos, pos+T) and return this layer's keys/values up to pos+T."""
         end = self.pos + k.shape[2]
-        self.k[layer, self.rows, :, self.pos:end] = k
-        self.v[layer, self.rows, :, self.pos:end] = v
-        return self.k[layer, self.rows, :, :end], self.v[layer, self.rows, :, :end]  # (B, K, S, D) each
+        idx = torch.arange(self.pos, end, device=k.device)
+        kc, vc = self.k[layer][self.rows], self.v[layer][self.rows]  # views (B, K, S, D)
+        kc.index_copy_(2, idx, k.to(kc.dtype))
+        vc.index_copy_(2, idx, v.to(vc.dtype))
+        return kc[:, :, :end], vc[:, :, :end]  # (B, K, S', D) each
 
     def fan_out(self, G):
         """Copy row g*G (filled by prefill) into rows g*G+1 .. g*G+G-1, for positions [0, pos)."""
-        for t in (self.k, self.v):
-            t5 = t.view(t.shape[0], -1, G, *t.shape[2:])  # (L, P, G, K, S, D)
-            t5[:, :, 1:, :, :self.pos] = t5[:, :, :1, :, :self.pos]
+        for t in self.k + self.v:
+            t5 = t.view(-1, G, *t.shape[1:])  # (P, G, K, S, D)
+            t5[:, 1:, :, :self.pos] = t5[:, :1, :, :self.pos]
         v3 = self.valid.view(-1, G, self.valid.shape[1])  # (P, G, S)
         v3[:, 1:, :self.pos] = v3[:, :1, :self.pos]
         self.rows = slice(None)
