@@ -37,15 +37,20 @@ def sample_token(logits, temperature, top_k=0, top_p=1.0, generator=None):
         p = srt.softmax(-1)
         drop = p.cumsum(-1) - p >= top_p  # mass before this id already reaches top_p
         logits = logits.scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)  # (N, V)
-    # argmax(p / E), E ~ Exp(1), draws i with probability p_i and needs no host sync (unlike torch.multinomial)
-    e = torch.empty_like(probs)
+    # inverse CDF: the first id whose cumulative mass exceeds u ~ U[0, total). One random number per row, where
+    # torch.multinomial or argmax(p / Exp(1)) draw V of them (9% of a CPU decode step); no host sync either.
+    cdf = logits.softmax(-1).double().cumsum(-1)  # (N, V) fp64: 150k fp32 partial sums would drift
+    N = cdf.shape[0]
     if isinstance(generator, (list, tuple)):  # one generator per prompt, each drawing for its G rows
-        for rows, g in zip(e.chunk(len(generator)), generator):
-            rows.exponential_(generator=g)
+        u = torch.cat([torch.rand(N // len(generator), 1, generator=g, device=cdf.device, dtype=cdf.dtype)
+                       for g in generator])  # (N, 1)
     else:
-        e.exponential_(generator=generator)
-    return (probs / e).argmax(-1)  # (N,)
+        u = torch.rand(N, 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    total = cdf[:, -1:]  # (N, 1)
+    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # < total even after rounding
+    # right=True finds i with cdf[i-1] <= x < cdf[i], so an id of zero mass (cut by top-k/top-p, or out of the
+    # tokenizer's vocabulary) is never chosen
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1)  # (N,)
 
 
 def token_logprob(logits, tok, temperature):
