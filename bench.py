@@ -4,6 +4,7 @@
     python bench.py sampler --model DIR -P 4 -G 8 -N 128 --threads 2
     python bench.py sampler --random-init configs/qwen2.5-0.5b-instruct.json --device cuda --dtype bfloat16
     python bench.py trl-step --model DIR                    # TRL GRPOTrainer seconds per optimizer step (CPU, fp32)
+    python bench.py step --model DIR                        # train.py's step time against TRL's, same shape
 
 The sampler table counts completion tokens only: those inside the completion mask, i.e. up to and including each
 row's first stop token (or all N when a row is truncated), the same rule for every implementation.
@@ -28,7 +29,6 @@ from sample import generate, sample_token
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRL_VENV_PYTHON = "/tmp/trlenv/bin/python"
-SYSTEM_PROMPT = "You are a careful math tutor. Reason step by step, then give the final answer after '####'."
 # Short grade-school word problems written for this benchmark, deliberately of different lengths.
 QUESTIONS = [
     "Tom has 3 boxes of 12 pencils. He gives away 7 pencils. How many pencils does he have left?",
@@ -90,11 +90,12 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- inputs
 
 def chat_messages(i):
-    """Prompt i as chat messages: the system prompt and one question; distinct for every i."""
+    """Prompt i as train.py's GSM8K task builds it (its system prompt and format reminder); distinct for every i."""
+    from train import TASKS
     q = QUESTIONS[i % len(QUESTIONS)]
     if i >= len(QUESTIONS):
         q = f"(Variant {i // len(QUESTIONS)}) {q}"  # keep prompts distinct past the list's end
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": q}]
+    return TASKS["gsm8k"].prompt({"question": q})
 
 
 def chat_prompts(tok, P):
@@ -414,8 +415,34 @@ def compare_with_trl(cfg, ours_seconds):
     return trl_seconds
 
 
-# a later `step` subcommand (timing our own train step) registers here and calls compare_with_trl
-COMMANDS = {"sampler": cmd_sampler, "trl-step": cmd_trl_step}
+# ----------------------------------------------------------------------------- our train step vs TRL's
+
+def cmd_step(cfg):
+    """Median seconds per train.py step (whole step: sample, reward, ref log-probs, update) against TRL's."""
+    import train
+    examples = [{"i": i} for i in range(cfg.num_prompts)]
+
+    def reward_len(completion, **_):
+        """The TRL run's trivial reward, so both step times are the trainers' own."""
+        return -len(completion) / 100.0
+
+    # the same P prompts every step, as the TRL run (shuffle_dataset=False) sees them
+    train.TASKS["bench"] = train.Task(lambda c: (examples, examples), lambda ex: chat_messages(ex["i"]),
+                                      [(1.0, reward_len)], {})
+    with tempfile.TemporaryDirectory() as out:
+        train.main(["--task", "bench", "--model", cfg.model, "--out", out, "--steps", str(cfg.trl_steps + 1),
+                    "--prompts-per-step", str(cfg.num_prompts), "--group-size", str(cfg.group_size),
+                    "--max-new-tokens", str(cfg.max_new_tokens), "--temperature", str(cfg.temperature),
+                    "--beta", str(cfg.beta), "--lr", "1e-6", "--eval-n", "0", "--save-every", "1000000",
+                    "--micro-batch", str(cfg.num_prompts * cfg.group_size), "--device", cfg.device])
+        rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    secs = statistics.median(r["step_s"] for r in rows[1:])  # step 1 is the warm-up, as for TRL
+    print(f"ours: step seconds (first is warm-up) {[round(r['step_s'], 2) for r in rows]}, "
+          f"mean completion length {[round(r['len_mean'], 1) for r in rows]}")
+    compare_with_trl(cfg, secs)
+
+
+COMMANDS = {"sampler": cmd_sampler, "trl-step": cmd_trl_step, "step": cmd_step}
 
 
 def main(argv=None):
