@@ -53,13 +53,12 @@ def sample_token(logits, temperature, top_k=0, top_p=1.0, generator=None):
     return torch.searchsorted(cdf, x, right=True).squeeze(-1)  # (N,)
 
 
-def token_logprob(logits, tok, temperature):
-    """log softmax(logits / T)[tok], as grpo.token_logprobs computes it: no top-k/top-p renormalisation.
+def token_logprob(z, tok):
+    """log softmax(z)[tok] for z = logits / T, as grpo.token_logprobs computes it: no top-k/top-p renormalisation.
 
     The ratio pi/pi_old in the loss compares the trainer's full-softmax policy with itself, so the sampler
     reports that same quantity. Greedy (T=0) reports it at T=1.
     """
-    z = logits / (temperature or 1.0)  # (N, V)
     return z.gather(-1, tok[:, None]).squeeze(-1) - z.logsumexp(-1)  # (N,)
 
 
@@ -115,14 +114,15 @@ def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_
     length = torch.full((N,), max_new_tokens, device=dev)
     Tc = max_new_tokens
     for t in range(max_new_tokens):
-        masked = logits
-        if vocab_size is not None and vocab_size < logits.shape[-1]:
-            masked = logits.clone()
+        z = logits / (temperature or 1.0)  # (N, V) tempered once, for the draw and the log-prob
+        masked = z
+        if vocab_size is not None and vocab_size < z.shape[-1]:
+            masked = z.clone()
             masked[:, vocab_size:] = float("-inf")
-        tok = sample_token(masked, temperature, top_k, top_p, generator)  # (N,)
+        tok = sample_token(masked, 1.0 if temperature else 0, top_k, top_p, generator)  # (N,)
         tok = torch.where(done, pad_id, tok)
         out[:, t] = tok
-        lps[:, t] = torch.where(done, 0.0, token_logprob(logits, tok, temperature))
+        lps[:, t] = torch.where(done, 0.0, token_logprob(z, tok))
         hit = torch.isin(tok, stops) & ~done  # a stop id in the prompt never gets here: only sampled ids count
         length = torch.where(hit, t + 1, length)
         done |= hit
