@@ -169,9 +169,7 @@ def naive_generate(model, prompts, G, N, temperature, top_p, stop_ids, generator
     length = torch.full((rows,), N, device=dev)
     for t in range(N):
         logits = model.lm_head(model.forward_hidden(ids, attn_mask=mask)[:, -1]).float()  # (rows, V)
-        if vocab_size is not None and vocab_size < logits.shape[-1]:
-            logits[:, vocab_size:] = float("-inf")
-        tok = torch.where(done, pad_id, sample_token(logits, temperature, 0, top_p, generator))
+        tok = torch.where(done, pad_id, sample_token(logits, temperature, 0, top_p, generator, vocab_size)[0])
         hit = torch.isin(tok, stops) & ~done
         length = torch.where(hit, t + 1, length)
         done |= hit

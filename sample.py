@@ -4,9 +4,11 @@ Each prompt is prefilled once (left-padded, per-row positions, explicit mask) in
 preallocated cache, copied to its G rows, and then all rows decode one token per step.
 Legend: P prompts, G group, N = P*G rows, Tp prompt time, Tc completion time, V vocab.
 """
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
 from model import KVCache
 
@@ -23,43 +25,80 @@ class Rollout:
     group_size: int
 
 
-def sample_token(logits, temperature, top_k=0, top_p=1.0, generator=None):
-    """Draw one id per row from logits (N, V): greedy at temperature 0, else softmax(logits / T) cut by top-k/top-p."""
-    if temperature == 0:
-        return logits.argmax(-1)  # (N,)
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (N, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        # keep the smallest set of most likely ids whose mass reaches top_p (Holtzman et al., arXiv 1904.09751)
-        srt, idx = logits.sort(-1, descending=True)  # (N, V) each
-        p = srt.softmax(-1)
-        drop = p.cumsum(-1) - p >= top_p  # mass before this id already reaches top_p
-        logits = logits.scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
-    # inverse CDF: the first id whose cumulative mass exceeds u ~ U[0, total). One random number per row, where
-    # torch.multinomial or argmax(p / Exp(1)) draw V of them (9% of a CPU decode step); no host sync either.
-    cdf = logits.softmax(-1).double().cumsum(-1)  # (N, V) fp64: 150k fp32 partial sums would drift
-    N = cdf.shape[0]
-    if isinstance(generator, (list, tuple)):  # one generator per prompt, each drawing for its G rows
-        u = torch.cat([torch.rand(N // len(generator), 1, generator=g, device=cdf.device, dtype=cdf.dtype)
-                       for g in generator])  # (N, 1)
-    else:
-        u = torch.rand(N, 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
-    total = cdf[:, -1:]  # (N, 1)
-    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # < total even after rounding
-    # right=True finds i with cdf[i-1] <= x < cdf[i], so an id of zero mass (cut by top-k/top-p, or out of the
-    # tokenizer's vocabulary) is never chosen
-    return torch.searchsorted(cdf, x, right=True).squeeze(-1)  # (N,)
+def sample_token(logits, temperature, top_k=0, top_p=1.0, generator=None, vocab_size=None):
+    """Draw one id per row of logits (N, V): ids (N,) and their log-probs (N,) under softmax(logits / T).
 
-
-def token_logprob(z, tok):
-    """log softmax(z)[tok] for z = logits / T, as grpo.token_logprobs computes it: no top-k/top-p renormalisation.
-
-    The ratio pi/pi_old in the loss compares the trainer's full-softmax policy with itself, so the sampler
-    reports that same quantity. Greedy (T=0) reports it at T=1.
+    Greedy at temperature 0 (log-prob reported at T=1). Otherwise the draw is from softmax(logits / T) cut to
+    ids < vocab_size, then top-k, then top-p; the log-prob is the full softmax's, as grpo.token_logprobs
+    computes it: no renormalisation by the cuts. The pi/pi_old ratio in the loss compares the trainer's
+    full-softmax policy with itself, so the sampler reports that same quantity.
+    Overwrites `logits` (it becomes exp(logits/T - max)): in place, a decode step makes no V-sized temporaries,
+    and on CPU their page faults cost more than the arithmetic (8 ms of a 130 ms SmolLM2 step).
     """
-    return z.gather(-1, tok[:, None]).squeeze(-1) - z.logsumexp(-1)  # (N,)
+    V = logits.shape[-1]
+    vocab_size = min(vocab_size or V, V)
+    greedy = temperature == 0
+    if greedy:
+        tok = logits[:, :vocab_size].argmax(-1)  # (N,) on the logits: exp could round near-ties together
+    else:
+        logits.div_(temperature)
+    cut = None
+    if not greedy and 0 < top_k < vocab_size:  # on the logits, before exp can round near-ties together
+        kth = logits[:, :vocab_size].topk(top_k, dim=-1).values[:, -1:]  # (N, 1)
+        cut = logits < kth  # (N, V) outside the k most likely
+    p = logits.sub_(logits.amax(-1, keepdim=True)).exp_()  # (N, V) unnormalised softmax
+    total = p.sum(-1)  # (N,) full-vocabulary mass: the log-prob's normaliser
+    if not greedy:
+        p[:, vocab_size:] = 0  # ids the tokenizer cannot decode (Qwen pads its embedding past them)
+        if cut is not None:
+            p.masked_fill_(cut, 0)
+        if top_p < 1.0:
+            # keep the smallest set of most likely ids whose mass reaches top_p (Holtzman et al., arXiv 1904.09751)
+            srt, idx = p.sort(-1, descending=True)  # (N, V) each
+            cum = srt.cumsum(-1, dtype=torch.float64)  # (N, V)
+            drop = cum - srt >= top_p * cum[:, -1:]  # the mass before this id already reaches top_p
+            p.scatter_(-1, idx, srt.masked_fill_(drop, 0))
+        # inverse CDF: the first id whose cumulative mass exceeds u ~ U[0, total). One random number per row,
+        # where torch.multinomial or argmax(p / Exp(1)) draw V of them (9% of a CPU decode step); no host sync.
+        cdf = p.cumsum(-1, dtype=torch.float64)  # (N, V) fp64: 150k fp32 partial sums would drift
+        N = cdf.shape[0]
+        if isinstance(generator, (list, tuple)):  # one generator per prompt, each drawing for its G rows
+            u = torch.cat([torch.rand(N // len(generator), 1, generator=g, device=cdf.device, dtype=cdf.dtype)
+                           for g in generator])  # (N, 1)
+        else:
+            u = torch.rand(N, 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+        mass = cdf[:, -1:]  # (N, 1)
+        x = torch.minimum(u * mass, torch.nextafter(mass, torch.zeros_like(mass)))  # < mass even after rounding
+        # right=True finds i with cdf[i-1] <= x < cdf[i], so an id of zero mass (cut by top-k/top-p, or out of
+        # the tokenizer's vocabulary) is never chosen
+        tok = torch.searchsorted(cdf, x, right=True).squeeze(-1)  # (N,)
+    # log softmax(z)[tok] = (z[tok] - max) - log(total); the drawn id has positive mass, so its p is uncut
+    return tok, p.gather(-1, tok[:, None]).squeeze(-1).log() - total.log()  # (N,) each
+
+
+@contextmanager
+def packed_linears(model, rows, enable=True):
+    """While open, every fp32 nn.Linear of a CPU model multiplies by a oneDNN-packed copy of its weight.
+
+    PyTorch's fp32 CPU matmul is MKL's sgemm, slow on the skinny (rows, C) inputs of a decode step: SmolLM2's
+    lm_head took 30 ms against oneDNN's 11 ms, and its whole decode step 120 ms against 88 ms (2-core AMD EPYC,
+    rows=16). Same fp32 products in another summation order (logits agree to ~1e-5 relative). The packed copies
+    cost one more copy of the weights while open and a reorder (0.3 s for 135M parameters) per call, so they
+    always reflect the current weights. Nothing happens on other devices, other dtypes, under autocast, or with
+    enable=False (generate's compile=True: inductor lowers oneDNN-packed weights only as frozen constants).
+    """
+    dev, patched = model.lm_head.weight.device, []
+    if enable and dev.type == "cpu" and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu"):
+        for mod in model.modules():
+            if isinstance(mod, nn.Linear) and mod.weight.dtype == torch.float32:
+                w = torch.ops.mkldnn._reorder_linear_weight(mod.weight.detach(), rows)  # (out, in), oneDNN layout
+                mod.forward = lambda x, w=w, b=mod.bias: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], None)
+                patched.append(mod)
+    try:
+        yield
+    finally:
+        for mod in patched:
+            del mod.forward  # back to nn.Linear.forward
 
 
 def decode_step(model, tok, positions, cache):
@@ -100,12 +139,7 @@ def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_
     pmask = torch.arange(Tp, device=dev) >= Tp - lens[:, None]  # (P, Tp)
     cache = KVCache(model.config, N, Tp + max_new_tokens, dev, dtype)
     cache.rows = slice(None, None, G)
-    h = model.forward_hidden(ids, attn_mask=pmask, cache=cache)  # (P, Tp, C)
-    cache.fan_out(G)
-    logits = model.lm_head(h[:, -1]).float().repeat_interleave(G, 0)  # (N, V)
-    pos = lens.repeat_interleave(G)  # (N,) position of each row's next token
-
-    # ---- decode: one token per step for all rows; finished rows emit pad and are masked out
+    pos = lens.repeat_interleave(G)  # (N,) position of each row's first completion token
     step = torch.compile(decode_step, dynamic=True) if compile else decode_step
     stops = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
     out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=dev)
@@ -113,23 +147,24 @@ def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_
     done = torch.zeros(N, dtype=torch.bool, device=dev)
     length = torch.full((N,), max_new_tokens, device=dev)
     Tc = max_new_tokens
-    for t in range(max_new_tokens):
-        z = logits / (temperature or 1.0)  # (N, V) tempered once, for the draw and the log-prob
-        masked = z
-        if vocab_size is not None and vocab_size < z.shape[-1]:
-            masked = z.clone()
-            masked[:, vocab_size:] = float("-inf")
-        tok = sample_token(masked, 1.0 if temperature else 0, top_k, top_p, generator)  # (N,)
-        tok = torch.where(done, pad_id, tok)
-        out[:, t] = tok
-        lps[:, t] = torch.where(done, 0.0, token_logprob(z, tok))
-        hit = torch.isin(tok, stops) & ~done  # a stop id in the prompt never gets here: only sampled ids count
-        length = torch.where(hit, t + 1, length)
-        done |= hit
-        if t + 1 == max_new_tokens or ((t + 1) % sync_every == 0 and bool(done.all())):
-            Tc = t + 1
-            break
-        logits = step(model, tok, pos + t, cache)  # (N, V)
+    with packed_linears(model, N, enable=not compile):  # CPU only
+        h = model.forward_hidden(ids, attn_mask=pmask, cache=cache)  # (P, Tp, C)
+        cache.fan_out(G)
+        logits = model.lm_head(h[:, -1]).float().repeat_interleave(G, 0)  # (N, V)
+
+        # ---- decode: one token per step for all rows; finished rows emit pad and are masked out
+        for t in range(max_new_tokens):
+            tok, lp = sample_token(logits, temperature, top_k, top_p, generator, vocab_size)  # (N,) each
+            tok = torch.where(done, pad_id, tok)
+            out[:, t] = tok
+            lps[:, t] = torch.where(done, 0.0, lp)
+            hit = torch.isin(tok, stops) & ~done  # a stop id in the prompt never gets here: only sampled ids count
+            length = torch.where(hit, t + 1, length)
+            done |= hit
+            if t + 1 == max_new_tokens or ((t + 1) % sync_every == 0 and bool(done.all())):
+                Tc = t + 1
+                break
+            logits = step(model, tok, pos + t, cache)  # (N, V)
 
     mask = torch.arange(Tc, device=dev) < length[:, None]  # (N, Tc)
     return Rollout(ids.repeat_interleave(G, 0), pmask.repeat_interleave(G, 0), out[:, :Tc], mask,

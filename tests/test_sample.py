@@ -10,16 +10,18 @@ Legend of the file:
   log-probs    returned log-probs == fresh full-vocab log_softmax(logits / T), also under top-k/top-p
   sample_token top-k/top-p support and frequencies on hand-made logits
   vocab        ids >= vocab_size are never sampled
-  errors, compile=True (slowest test: inductor compiles C++ on CPU), and a real checkpoint vs transformers (GRPO_TEST_MODEL=dir)
+  errors, packed CPU linears == plain ones, compile=True (slowest test: inductor compiles C++ on CPU), and a real checkpoint vs transformers (GRPO_TEST_MODEL=dir)
 Everything runs on CPU in fp32 on the tiny random models of conftest.py, except the opt-in real-checkpoint test.
 """
+import contextlib
 import os
 
 import pytest
 import torch
 
 from conftest import random_model
-from sample import generate, sample_token
+import sample
+from sample import generate, packed_linears, sample_token
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 61], [77], [8, 150, 9, 31]]  # lengths 7, 1, 4: left padding in one batch
 
@@ -269,7 +271,10 @@ PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
 def draw(probs, n=20000, seed=0, **kw):
     """Counts of n draws of sample_token on one row of logits log(probs), repeated n times."""
     logits = probs.log().expand(n, -1).contiguous()
-    ids = sample_token(logits, generator=torch.Generator().manual_seed(seed), **kw)
+    ids, lp = sample_token(logits.clone(), generator=torch.Generator().manual_seed(seed), **kw)
+    # the log-prob is the full tempered softmax's, whatever top-k/top-p cut from the draw
+    want = (logits / (kw.get("temperature") or 1.0)).log_softmax(-1).gather(-1, ids[:, None]).squeeze(-1)
+    torch.testing.assert_close(lp, want, atol=1e-6, rtol=1e-6)
     return torch.bincount(ids, minlength=len(probs)).double()
 
 
@@ -303,9 +308,9 @@ def test_sample_token_is_per_row():
     logits = torch.stack([PROBS.log(), PROBS.flip(0).log()]).repeat(2000, 1)  # rows alternate
     g = torch.Generator().manual_seed(1)
     for kw in (dict(top_k=2), dict(top_p=0.7)):
-        ids = sample_token(logits, 1.0, generator=g, **kw)
+        ids, _ = sample_token(logits.clone(), 1.0, generator=g, **kw)
         assert set(ids[0::2].tolist()) == {0, 1} and set(ids[1::2].tolist()) == {2, 3}, kw
-    assert sample_token(logits[:2], 0).tolist() == [0, 3]
+    assert sample_token(logits[:2].clone(), 0)[0].tolist() == [0, 3]
 
 
 # ----------------------------------------------------------------------------- vocabulary
@@ -344,6 +349,37 @@ def test_errors(model, prompts, G, kw):
     kw = dict(dict(max_new_tokens=4), **kw)
     with pytest.raises(ValueError):
         generate(model, prompts, G, **kw)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
+def test_packed_linears_equal_plain_and_are_undone(model, monkeypatch):
+    """CPU generate multiplies by oneDNN-packed weights: same logits (fp32 reordering only), same samples,
+    current weights every call, and every nn.Linear is its plain self again afterwards, even after an error."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    ids = torch.tensor([[5, 17, 42, 99], [8, 150, 9, 31]])
+    with torch.no_grad():
+        ref = model(ids)
+        with packed_linears(model, 2):
+            assert all("forward" in vars(m) for m in linears)  # really swapped, or this test proves nothing
+            torch.testing.assert_close(model(ids), ref, atol=1e-5, rtol=1e-5)
+        with pytest.raises(RuntimeError), packed_linears(model, 2):
+            raise RuntimeError("boom")
+    assert not any("forward" in vars(m) for m in linears)
+    assert torch.equal(model(ids), ref)
+
+    a = generate(model, PROMPTS, 3, 8, temperature=1.0, stop_ids=[3], generator=5)
+    monkeypatch.setattr(sample, "packed_linears", lambda *a, **k: contextlib.nullcontext())
+    b = generate(model, PROMPTS, 3, 8, temperature=1.0, stop_ids=[3], generator=5)
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.lengths, b.lengths)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
+
+    m = random_model("qwen2", tied=False, seed=4).eval()  # packs the weights as they are at each call
+    with torch.no_grad():
+        before = generate(m, PROMPTS, 1, 6, temperature=0).completion_ids
+        m.lm_head.weight.mul_(-1)  # greedy now picks the least likely id instead
+        after = generate(m, PROMPTS, 1, 6, temperature=0).completion_ids
+    assert after[:, 0].tolist() != before[:, 0].tolist()
+    assert after[:, 0].tolist() == [greedy_ref(m, p, 1)[0] for p in PROMPTS]
 
 
 def test_compile_equals_eager(model):
