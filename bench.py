@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from model import ModelConfig, Transformer, read_json, rope_inv_freq
-from sample import generate, sample_token
+from sample import generate, sample_token, uniforms
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRL_VENV_PYTHON = "/tmp/trlenv/bin/python"
@@ -54,7 +54,8 @@ class BenchConfig:
     max_new_tokens: int = field(default=64, metadata={"help": "N: completion tokens per row at most", "short": "-N"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (1.0: off)"})
-    repeats: int = field(default=3, metadata={"help": "R: timed runs per implementation after one warm-up; the median is reported"})
+    repeats: int = field(default=3, metadata={"help": "R: timed runs per implementation after one warm-up; tok/s is their "
+                                                       "total completion tokens over their total seconds"})
     threads: int = field(default=0, metadata={"help": "torch.set_num_threads (0: torch's default)"})
     device: str = field(default="cpu", metadata={"help": "device", "choices": ["cpu", "cuda"]})
     dtype: str = field(default="float32", metadata={"help": "weights and KV cache dtype", "choices": ["float32", "bfloat16"]})
@@ -169,7 +170,8 @@ def naive_generate(model, prompts, G, N, temperature, top_p, stop_ids, generator
     length = torch.full((rows,), N, device=dev)
     for t in range(N):
         logits = model.lm_head(model.forward_hidden(ids, attn_mask=mask)[:, -1]).float()  # (rows, V)
-        tok = torch.where(done, pad_id, sample_token(logits, temperature, 0, top_p, generator, vocab_size)[0])
+        u = uniforms(generator, rows, dev)  # (rows, 1)
+        tok = torch.where(done, pad_id, sample_token(logits, temperature, 0, top_p, u, vocab_size)[0])
         hit = torch.isin(tok, stops) & ~done
         length = torch.where(hit, t + 1, length)
         done |= hit
@@ -209,7 +211,7 @@ def run_transformers(hf, prompts, cfg, stop_ids, vocab_size, pad_id, seed):
 
 
 def time_interleaved(runs, repeats, device):
-    """Warm up every run, then time them round-robin; {name: (median seconds, result of the last timed call)}.
+    """Warm up every run, then time them round-robin; {name: ([seconds of each timed call], [its results])}.
 
     runs: {name: (fn(seed), warm_up(), repeats or None for `repeats`)}. Round-robin rather than one
     implementation after the other, so that load from other processes on a shared machine hits all alike.
@@ -220,18 +222,18 @@ def time_interleaved(runs, repeats, device):
     for fn, warm_up, _ in runs.values():
         warm_up()
         sync()
-    secs, res = {k: [] for k in runs}, {}
+    secs, res = {k: [] for k in runs}, {k: [] for k in runs}
     for r in range(max(reps or repeats for _, _, reps in runs.values())):
         for k, (fn, _, reps) in runs.items():
             if r >= (reps or repeats):
                 continue
             sync()
             t0 = time.perf_counter()
-            res[k] = fn(r + 1)  # a different seed per run: lengths vary as they do in training
+            res[k].append(fn(r + 1))  # a different seed per run: lengths vary as they do in training
             sync()
             secs[k].append(time.perf_counter() - t0)
             print(f"  {k:<13} run {r + 1}: {secs[k][-1]:.2f}s", flush=True)
-    return {k: (statistics.median(secs[k]), res[k]) for k in runs}
+    return {k: (secs[k], res[k]) for k in runs}
 
 
 def decode_roofline(model, prompts, cfg, bandwidth):
@@ -287,12 +289,16 @@ def cmd_sampler(cfg):
                 hf.generation_config.eos_token_id = None  # else generate() falls back to config.json's eos
             runs["transformers"] = (lambda s: run_transformers(hf, *args, cfg.seed + s),
                                     lambda: run_transformers(hf, *args, cfg.seed), None)
-        results = time_interleaved(runs, cfg.repeats, cfg.device)  # name -> (median seconds, (tokens, steps))
+        timed = time_interleaved(runs, cfg.repeats, cfg.device)  # name -> ([seconds], [(tokens, steps)])
 
-    tps = {k: tokens / sec for k, (sec, (tokens, steps)) in results.items()}
-    print(f"\n{'impl':<14}{'seconds':>9}{'tokens':>8}{'steps':>7}{'tok/s':>10}{'ours/x':>9}")
-    for k, (sec, (tokens, steps)) in results.items():
-        print(f"{k:<14}{sec:>9.3f}{tokens:>8d}{steps:>7d}{tps[k]:>10.1f}{tps['ours'] / tps[k]:>8.2f}x")
+    # each run samples its own completions, so rows stop at different steps: pool all timed runs of each
+    # implementation rather than pair one run's tokens with another's time
+    mean = lambda xs: sum(xs) / len(xs)
+    results = {k: (mean(s), mean([t for t, _ in r]), mean([n for _, n in r])) for k, (s, r) in timed.items()}
+    tps = {k: tokens / sec for k, (sec, tokens, steps) in results.items()}
+    print(f"\n{'impl':<14}{'seconds':>9}{'tokens':>8}{'steps':>7}{'tok/s':>10}{'ours/x':>9}   (means over timed runs)")
+    for k, (sec, tokens, steps) in results.items():
+        print(f"{k:<14}{sec:>9.3f}{tokens:>8.1f}{steps:>7.1f}{tps[k]:>10.1f}{tps['ours'] / tps[k]:>8.2f}x")
     if cfg.device == "cuda":
         bound, step_bytes = decode_roofline(model, prompts, cfg, cfg.hbm_bandwidth)
         print(f"decode roofline: {step_bytes / 1e6:.1f} MB/step at {cfg.hbm_bandwidth / 1e12:.2f} TB/s -> "

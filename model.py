@@ -132,6 +132,12 @@ class KVCache:
         v3[:, 1:, :self.pos] = v3[:, :1, :self.pos]
         self.rows = slice(None)
 
+    def keep(self, idx):
+        """Keep only rows idx (B',): every tensor shrinks to B' rows (sample.py drops finished rows)."""
+        assert self.rows == slice(None), "keep() is for decoding, after fan_out"
+        self.k, self.v = [t[idx] for t in self.k], [t[idx] for t in self.v]  # (B', K, S, D) each
+        self.valid = self.valid[idx]  # (B', S)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg):

@@ -1,8 +1,9 @@
 """KV-cached batched sampling of G completions per prompt, returning the log-probs of the sampled tokens.
 
 Each prompt is prefilled once (left-padded, per-row positions, explicit mask) into rows 0, G, 2G, ... of one
-preallocated cache, copied to its G rows, and then all rows decode one token per step.
-Legend: P prompts, G group, N = P*G rows, Tp prompt time, Tc completion time, V vocab.
+preallocated cache, copied to its G rows, and then the unfinished rows decode one token per step: rows that
+stopped leave the batch (and the cache) at the next host check.
+Legend: P prompts, G group, N = P*G rows, n <= N rows still decoding, Tp prompt time, Tc completion time, V vocab.
 """
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,15 +26,26 @@ class Rollout:
     group_size: int
 
 
-def sample_token(logits, temperature, top_k=0, top_p=1.0, generator=None, vocab_size=None):
+def uniforms(generator, N, device):
+    """(N, 1) fp64 uniforms in [0, 1) for sample_token. generator: None, one torch.Generator, or a list of them,
+    one per prompt, each drawing for its N / len(list) rows, so that a prompt's draws do not depend on the others."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.rand(N // len(generator), 1, generator=g, device=device, dtype=torch.float64)
+                          for g in generator])  # (N, 1)
+    return torch.rand(N, 1, generator=generator, device=device, dtype=torch.float64)  # (N, 1)
+
+
+def sample_token(logits, temperature, top_k=0, top_p=1.0, u=None, vocab_size=None, cdf=None):
     """Draw one id per row of logits (N, V): ids (N,) and their log-probs (N,) under softmax(logits / T).
 
-    Greedy at temperature 0 (log-prob reported at T=1). Otherwise the draw is from softmax(logits / T) cut to
-    ids < vocab_size, then top-k, then top-p; the log-prob is the full softmax's, as grpo.token_logprobs
-    computes it: no renormalisation by the cuts. The pi/pi_old ratio in the loss compares the trainer's
-    full-softmax policy with itself, so the sampler reports that same quantity.
-    Overwrites `logits` (it becomes exp(logits/T - max)): in place, a decode step makes no V-sized temporaries,
-    and on CPU their page faults cost more than the arithmetic (8 ms of a 130 ms SmolLM2 step).
+    Greedy at temperature 0 (log-prob reported at T=1). Otherwise the id is drawn by inverse CDF at the row's
+    uniform u (N, 1) (see `uniforms`) from softmax(logits / T) cut to ids < vocab_size, then top-k, then top-p;
+    the log-prob is the full softmax's, as grpo.token_logprobs computes it: no renormalisation by the cuts.
+    The pi/pi_old ratio in the loss compares the trainer's full-softmax policy with itself, so the sampler
+    reports that same quantity.
+    Overwrites `logits` (it becomes exp(logits/T - max)) and writes the CDF into `cdf`, an optional (N, V) fp64
+    buffer: a decode step then makes no V-sized temporaries, whose page faults on CPU (glibc hands big blocks
+    back to the OS on free) cost more than the arithmetic (8 ms of a 130 ms SmolLM2 step).
     """
     V = logits.shape[-1]
     vocab_size = min(vocab_size or V, V)
@@ -60,13 +72,7 @@ def sample_token(logits, temperature, top_k=0, top_p=1.0, generator=None, vocab_
             p.scatter_(-1, idx, srt.masked_fill_(drop, 0))
         # inverse CDF: the first id whose cumulative mass exceeds u ~ U[0, total). One random number per row,
         # where torch.multinomial or argmax(p / Exp(1)) draw V of them (9% of a CPU decode step); no host sync.
-        cdf = p.cumsum(-1, dtype=torch.float64)  # (N, V) fp64: 150k fp32 partial sums would drift
-        N = cdf.shape[0]
-        if isinstance(generator, (list, tuple)):  # one generator per prompt, each drawing for its G rows
-            u = torch.cat([torch.rand(N // len(generator), 1, generator=g, device=cdf.device, dtype=cdf.dtype)
-                           for g in generator])  # (N, 1)
-        else:
-            u = torch.rand(N, 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+        cdf = torch.cumsum(p, -1, dtype=torch.float64, out=cdf)  # (N, V) fp64: 150k fp32 partial sums would drift
         mass = cdf[:, -1:]  # (N, 1)
         x = torch.minimum(u * mass, torch.nextafter(mass, torch.zeros_like(mass)))  # < mass even after rounding
         # right=True finds i with cdf[i-1] <= x < cdf[i], so an id of zero mass (cut by top-k/top-p, or out of
@@ -115,7 +121,8 @@ def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_
     generator: a torch.Generator on the model's device, an int seed, or a list of P generators, one per prompt,
     so that a prompt's completions do not depend on which other prompts share the batch (train.py uses this
     to make sampling identical for any number of ranks, and across a resume).
-    sync_every: check whether all rows stopped every this many steps (default 1 on CPU, 8 on GPU).
+    sync_every: every this many steps (default 1 on CPU, 8 on GPU), check on the host which rows have finished:
+    stop if all have, else drop the finished ones from the batch.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt at least one token")
@@ -144,28 +151,41 @@ def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_
     stops = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
     out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=dev)
     lps = torch.zeros(N, max_new_tokens, device=dev)
-    done = torch.zeros(N, dtype=torch.bool, device=dev)
+    stopped = torch.zeros(N, dtype=torch.bool, device=dev)
     length = torch.full((N,), max_new_tokens, device=dev)
+    cdf = torch.empty(N, model.lm_head.out_features, dtype=torch.float64, device=dev)  # sample_token's scratch
+    rows = torch.arange(N, device=dev)  # (n,) which of the N rows each batch row is: shrinks as rows finish
+    fin = torch.zeros(N, dtype=torch.bool, device=dev)  # (n,) batch rows finished since the last compaction
     Tc = max_new_tokens
     with packed_linears(model, N, enable=not compile):  # CPU only
         h = model.forward_hidden(ids, attn_mask=pmask, cache=cache)  # (P, Tp, C)
         cache.fan_out(G)
         logits = model.lm_head(h[:, -1]).float().repeat_interleave(G, 0)  # (N, V)
 
-        # ---- decode: one token per step for all rows; finished rows emit pad and are masked out
+        # ---- decode: one token per step for every unfinished row
         for t in range(max_new_tokens):
-            tok, lp = sample_token(logits, temperature, top_k, top_p, generator, vocab_size)  # (N,) each
-            tok = torch.where(done, pad_id, tok)
-            out[:, t] = tok
-            lps[:, t] = torch.where(done, 0.0, lp)
-            hit = torch.isin(tok, stops) & ~done  # a stop id in the prompt never gets here: only sampled ids count
-            length = torch.where(hit, t + 1, length)
-            done |= hit
-            if t + 1 == max_new_tokens or ((t + 1) % sync_every == 0 and bool(done.all())):
-                Tc = t + 1
+            u = uniforms(generator, N, dev)[rows] if temperature else None  # all N drawn: streams never shift
+            tok, lp = sample_token(logits, temperature, top_k, top_p, u, vocab_size, cdf[:len(rows)])  # (n,) each
+            tok = tok.masked_fill(fin, pad_id)  # finished rows still in the batch emit pad, outside the mask
+            out[rows, t] = tok
+            lps[rows, t] = lp.masked_fill(fin, 0.0)
+            hit = torch.isin(tok, stops) & ~fin  # a stop id in the prompt never gets here: only sampled ids count
+            length[rows] = torch.where(hit, t + 1, length[rows])
+            stopped[rows] |= hit
+            fin |= hit
+            if t + 1 == max_new_tokens:
                 break
-            logits = step(model, tok, pos + t, cache)  # (N, V)
+            if (t + 1) % sync_every == 0 and bool(fin.any()):  # the host sync that stopping needs anyway
+                if bool(fin.all()):
+                    Tc = t + 1
+                    break
+                # drop finished rows from the batch: the weights are read once per step whatever the batch,
+                # but the matmul FLOPs, attention and sampling all shrink with it
+                keep = (~fin).nonzero().squeeze(1)  # (n',)
+                cache.keep(keep)
+                rows, tok, fin = rows[keep], tok[keep], fin[keep]
+            logits = step(model, tok, pos[rows] + t, cache)  # (n, V)
 
     mask = torch.arange(Tc, device=dev) < length[:, None]  # (N, Tc)
     return Rollout(ids.repeat_interleave(G, 0), pmask.repeat_interleave(G, 0), out[:, :Tc], mask,
-                   length, done, lps[:, :Tc] * mask, G)
+                   length, stopped, lps[:, :Tc] * mask, G)

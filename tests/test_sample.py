@@ -21,7 +21,7 @@ import torch
 
 from conftest import random_model
 import sample
-from sample import generate, packed_linears, sample_token
+from sample import generate, packed_linears, sample_token, uniforms
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 61], [77], [8, 150, 9, 31]]  # lengths 7, 1, 4: left padding in one batch
 
@@ -241,6 +241,28 @@ def test_sampled_rows_stop_invariants(model):
             assert L == n and ids[-1] not in stops
 
 
+@pytest.mark.parametrize("per_prompt", [False, True])
+def test_finished_rows_leave_the_batch_and_change_nothing(model, monkeypatch, per_prompt):
+    """Rows that stopped are dropped from the decode batch, and the rollout is exactly the one that keeping them
+    (no host check until the end: sync_every > max_new_tokens) gives: same tokens, masks and log-probs."""
+    batch = []
+    inner = model.forward_hidden
+    monkeypatch.setattr(model, "forward_hidden", lambda ids, *a, **k: batch.append(len(ids)) or inner(ids, *a, **k))
+    gen = lambda: [torch.Generator().manual_seed(i) for i in range(len(PROMPTS))] if per_prompt else 7
+    kw = dict(temperature=1.0, top_k=40, stop_ids=list(range(0, 512, 5)))  # ~1 in 5 tokens stops a row
+    G, n = 4, 12
+    a = generate(model, PROMPTS, G, n, generator=gen(), sync_every=1, **kw)
+    steps_a = batch[1:]
+    batch.clear()
+    b = generate(model, PROMPTS, G, n, generator=gen(), sync_every=n + 1, **kw)
+    assert batch[1:] == [len(PROMPTS) * G] * (n - 1)
+    assert steps_a == sorted(steps_a, reverse=True) and steps_a[-1] < len(PROMPTS) * G  # rows really left
+    T = a.completion_ids.shape[1]
+    assert torch.equal(a.completion_ids, b.completion_ids[:, :T]) and not b.completion_mask[:, T:].any()
+    assert torch.equal(a.lengths, b.lengths) and torch.equal(a.stopped, b.stopped) and a.stopped.any()
+    torch.testing.assert_close(a.logprobs, b.logprobs[:, :T], atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- log-probs
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.6), (0.5, 8, 0.8),
@@ -271,7 +293,7 @@ PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
 def draw(probs, n=20000, seed=0, **kw):
     """Counts of n draws of sample_token on one row of logits log(probs), repeated n times."""
     logits = probs.log().expand(n, -1).contiguous()
-    ids, lp = sample_token(logits.clone(), generator=torch.Generator().manual_seed(seed), **kw)
+    ids, lp = sample_token(logits.clone(), u=uniforms(torch.Generator().manual_seed(seed), n, "cpu"), **kw)
     # the log-prob is the full tempered softmax's, whatever top-k/top-p cut from the draw
     want = (logits / (kw.get("temperature") or 1.0)).log_softmax(-1).gather(-1, ids[:, None]).squeeze(-1)
     torch.testing.assert_close(lp, want, atol=1e-6, rtol=1e-6)
@@ -308,7 +330,7 @@ def test_sample_token_is_per_row():
     logits = torch.stack([PROBS.log(), PROBS.flip(0).log()]).repeat(2000, 1)  # rows alternate
     g = torch.Generator().manual_seed(1)
     for kw in (dict(top_k=2), dict(top_p=0.7)):
-        ids, _ = sample_token(logits.clone(), 1.0, generator=g, **kw)
+        ids, _ = sample_token(logits.clone(), 1.0, u=uniforms(g, len(logits), "cpu"), **kw)
         assert set(ids[0::2].tolist()) == {0, 1} and set(ids[1::2].tolist()) == {2, 3}, kw
     assert sample_token(logits[:2].clone(), 0)[0].tolist() == [0, 3]
 
