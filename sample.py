@@ -123,6 +123,7 @@ def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_
     to make sampling identical for any number of ranks, and across a resume).
     sync_every: every this many steps (default 1 on CPU, 8 on GPU), check on the host which rows have finished:
     stop if all have, else drop the finished ones from the batch.
+    On CPU the model's linears run on oneDNN-packed copies of the weights while this runs (`packed_linears`).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt at least one token")
