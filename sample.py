@@ -50,6 +50,8 @@ def sample_token(logits, temperature, top_k=0, top_p=1.0, u=None, vocab_size=Non
     V = logits.shape[-1]
     vocab_size = min(vocab_size or V, V)
     greedy = temperature == 0
+    if not greedy and u is None:
+        raise ValueError("sample_token needs the rows' uniforms u (see `uniforms`) when temperature > 0")
     if greedy:
         tok = logits[:, :vocab_size].argmax(-1)  # (N,) on the logits: exp could round near-ties together
     else:
@@ -89,7 +91,7 @@ def packed_linears(model, rows, enable=True):
     PyTorch's fp32 CPU matmul is MKL's sgemm, slow on the skinny (rows, C) inputs of a decode step: SmolLM2's
     lm_head took 30 ms against oneDNN's 11 ms, and its whole decode step 120 ms against 88 ms (2-core AMD EPYC,
     rows=16). Same fp32 products in another summation order (logits agree to ~1e-5 relative). The packed copies
-    cost one more copy of the weights while open and a reorder (0.3 s for 135M parameters) per call, so they
+    cost one more copy of the weights while open and a reorder (about 0.2 s for 135M parameters) per call, so they
     always reflect the current weights. Nothing happens on other devices, other dtypes, under autocast, or with
     enable=False (generate's compile=True: inductor lowers oneDNN-packed weights only as frozen constants).
     """

@@ -333,6 +333,8 @@ def test_sample_token_is_per_row():
         ids, _ = sample_token(logits.clone(), 1.0, u=uniforms(g, len(logits), "cpu"), **kw)
         assert set(ids[0::2].tolist()) == {0, 1} and set(ids[1::2].tolist()) == {2, 3}, kw
     assert sample_token(logits[:2].clone(), 0)[0].tolist() == [0, 3]
+    with pytest.raises(ValueError, match="uniforms"):
+        sample_token(logits[:2].clone(), 1.0)
 
 
 # ----------------------------------------------------------------------------- vocabulary
