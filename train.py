@@ -72,7 +72,7 @@ class TrainConfig:
     micro_batch: int = arg(8, "rows per forward/backward; changes memory, not the gradient")
     logprob_chunk: int = arg(1024, "tokens per lm_head/log_softmax chunk")
     grad_ckpt: bool = arg(False, "gradient checkpointing: recompute activations in backward")
-    compile: bool = arg(False, "torch.compile the sampler's decode step (GPU; on CPU the eager oneDNN path is faster)")
+    compile: bool = arg(False, "torch.compile the sampler's decode step (on CPU it measured slower than eager, which packs weights for oneDNN)")
     eval_every: int = arg(50, "evaluate every this many steps (0 = only at start and end)")
     eval_n: int = arg(1319, "test problems per evaluation (greedy pass@1)")
     eval_batch: int = arg(64, "prompts per evaluation generate call")
