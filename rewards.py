@@ -12,10 +12,20 @@ Numbers (parse_number, last_number): ASCII digits with optional thousands commas
 groups), decimals ("0.5", ".5", "1234.00"; a trailing "1234." is just a full stop), fractions "3/4",
 a leading minus and/or currency sign ("-$5", "$-5"); "%", units and words are ignored. Values are
 exact Fractions, so 18 == 18.0 == 18.00. Not numbers: digits glued to a letter ("x2", "COVID19"),
+anything after two minus signs, ASCII or U+2212 ("--5", "--$5": neither 5 nor -5, a doubled sign is no sign),
 scientific notation ("1e5" is rejected whole: unsupported, and Fraction(10**999999) would be a DoS),
 anything with more than MAX_DIGITS digits, and "n/0".
 
 Reward hacking, per function (what it closes / what it cannot):
+- well_formed, the gate of every GSM8K format reward (format_strict, format_soft, integer_answer and
+  xml_count's tag credit score 0 without it): exactly one reasoning block with >= 3 alphanumeric words
+  that is not a substring of the prompt (casefolded, whitespace collapsed), and exactly one answer block
+  holding exactly one number. Closes: the system prompt's template copied with "..." (SmolLM2-135M learned
+  it and took 1.5 of the old 4.0), placeholder or one/two-word reasoning ("x", "work"), the instruction,
+  question or a worked example pasted verbatim as reasoning, a bare answer block. Cannot: a paraphrased
+  copy of the instruction, filler reasoning of 3+ real words ("a b c"), reasoning in a non-Latin script
+  (needs ASCII words); and `correct` is deliberately not gated, so a right guess without reasoning still
+  earns it (a right answer is a right answer).
 - correct: exactly one <answer> block holding exactly one number *value* (repeats like "18 ... 18.0"
   are fine). Closes: several <answer> blocks, several candidates in one block ("3 or 4 or 5",
   "3-5"), empty/whitespace answers, an answer outside the tags. Cannot: a right guess with wrong
@@ -24,14 +34,14 @@ Reward hacking, per function (what it closes / what it cannot):
 - correct_lenient: last number in the whole text. Cannot close: ending with the right number by
   chance, or dumping many numbers and ending on a likely one; use only for eval/curricula.
 - format_strict: whole completion is <reasoning>\\n..\\n</reasoning>\\n<answer>\\n..\\n</answer> with
-  each tag exactly once (or the DeepSeek-R1 <think>..</think> <answer>..</answer> layout).
-  Closes: duplicated tags, junk before or after. Cannot: empty reasoning/answer satisfy it.
-- format_soft: <reasoning>..</reasoning> then <answer>..</answer> anywhere. Cannot: anything else,
-  it is deliberately loose (empty tags, extra text, repeated blocks all pass).
-- integer_answer: the strict answer block is a bare integer literal. Cannot: a wrong integer passes.
-- xml_count: 0.125 per tag-with-newline occurring exactly once, minus 0.001/char of text after the
-  last </answer>, surrounding whitespace free (capped at 0.5, total in [-0.5, 0.5]). Closes: rambling
-  after the answer. Cannot: empty tags still collect the full 0.5.
+  each tag exactly once (or the DeepSeek-R1 <think>..</think> <answer>..</answer> layout), gated.
+  Closes: duplicated tags, junk before or after. Cannot: what the gate cannot.
+- format_soft: <reasoning>..</reasoning> then <answer>..</answer> anywhere, gated. Cannot: extra text
+  around the blocks passes, deliberately (the gate already demands one block of each).
+- integer_answer: the strict answer block is a bare integer literal, gated. Cannot: a wrong integer passes.
+- xml_count: 0.125 per tag-with-newline occurring exactly once (only if well_formed), minus 0.001/char of
+  text after the last </answer> (always), surrounding whitespace free (capped at 0.5, total in [-0.5, 0.5]).
+  Closes: rambling after the answer. Cannot: what the gate cannot.
 - wordle_correct / wordle_partial / wordle_format: exactly one <guess> block, so listing several
   words gets nothing. Partial credit uses official duplicate-letter rules so "EEEEE"-style spam of
   a letter the secret contains once earns one yellow, not five. Cannot: partial is dense shaping
@@ -44,9 +54,11 @@ Sources: HF LLM course, GRPO chapter (format regex, xml_count, TRL length reward
 GRPO gist (GSM8K reward set and weights); DeepLearning.AI "Reinforcement Fine-Tuning LLMs with GRPO"
 (Wordle rewards); DeepSeek-R1 paper (rule-based accuracy + format rewards, <think> layout).
 """
+import math
 import re
 from collections import Counter
 from fractions import Fraction
+from itertools import islice
 
 MAX_DIGITS = 100  # longer digit runs are "not a number": int("9"*10**6) is slow and no GSM8K answer is close
 
@@ -54,7 +66,10 @@ MAX_DIGITS = 100  # longer digit runs are "not a number": int("9"*10**6) is slow
 # separator, so each match attempt is linear and finditer over 1 MB stays linear.
 _NUM = re.compile(
     r"(?=[-\u2212$\u20ac\u00a3\u00a5.0-9])"  # cheap first-char filter: lets sre skip text fast (10x on prose)
-    r"(?:(?<![\w.\-\u2212])[-\u2212])?"  # minus only if not glued to a word/number: "3-4" is 3 and 4
+    # a run of 2+ minus signs is taken whole, glued or not, for _to_fraction to reject: "--5", "3--4", "--$1.5"
+    # can't shed a '-' to read as -5 or 5 (whole run from its start only, so "-" * 10**6 stays linear);
+    # a single minus only if not glued to a word/number: "3-4" is 3 and 4
+    r"(?:(?<![-\u2212])[-\u2212]{2,}+|(?<![\w.\-\u2212])[-\u2212])?"
     r"[$\u20ac\u00a3\u00a5]?"  # $ EUR GBP YEN
     r"(?<!\w)"  # digits glued to a letter/digit are no number: "x2", the exponent in "1e5"
     # atomic/possessive (3.11+): commit to the longest token, so the lookahead below can't backtrack "12e5" into "1"
@@ -73,9 +88,12 @@ def _str(x):
 
 
 def _to_fraction(tok):
-    """Exact value of a _NUM token, None if too long or n/0."""
-    neg = tok[0] in "-\u2212"
-    s = tok.lstrip("-\u2212$\u20ac\u00a3\u00a5").replace(",", "")
+    """Exact value of a _NUM token, None if too long, n/0 or after two minus signs."""
+    s = tok.lstrip("-\u2212")
+    neg = len(tok) - len(s)
+    if neg > 1:
+        return None  # "--5": a doubled sign hedges between 5 and -5, so it is neither
+    s = s.lstrip("$\u20ac\u00a3\u00a5").replace(",", "")
     if len(s) - s.count(".") - s.count("/") > MAX_DIGITS:
         return None
     num, _, den = s.partition("/")
@@ -154,6 +172,42 @@ def answer_block(completion):
     return _block(_str(completion), "<answer>", "</answer>")
 
 
+_TAGS = {"reasoning": ("<reasoning>", "</reasoning>"), "think": ("<think>", "</think>")}
+_WORD = re.compile(r"[A-Za-z0-9]+")
+
+
+def _layout_tags(layout):
+    """(open, close) reasoning tags of a layout, ValueError for an unknown one."""
+    if layout not in _TAGS:
+        raise ValueError(f"layout must be 'reasoning' or 'think', got {layout!r}")
+    return _TAGS[layout]
+
+
+def reasoning_block(completion, layout="reasoning"):
+    """Stripped content of exactly one <reasoning> (or <think> for layout 'think') block, else None."""
+    return _block(_str(completion), *_layout_tags(layout))
+
+
+def _norm(text):
+    """Casefolded, whitespace runs collapsed to one space, stripped: copies compare equal across layout."""
+    return " ".join(text.casefold().split())
+
+
+def well_formed(completion, prompt="", layout="reasoning", **_):
+    """True iff one answer block with one number and one reasoning block of >= 3 words not copied from prompt."""
+    # The gate of every format reward: a 135M model earned 1.5/4.0 by emitting the system prompt's
+    # literal "<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>" template. Cheapest checks first.
+    a = answer_block(completion)
+    if a is None or parse_number(a) is None:
+        return False
+    r = reasoning_block(completion, layout)
+    # >= 3 ASCII alphanumeric words: "...", "x", "work" fail, "37 + 48 = 85" passes; islice stops the scan early
+    if r is None or sum(1 for _ in islice(_WORD.finditer(r), 3)) < 3:
+        return False
+    # a verbatim copy of the instruction, question or a worked example (str `in` is linear in CPython)
+    return not (prompt and _norm(r) in _norm(prompt))
+
+
 # ----------------------------------------------------------------------------- GSM8K rewards
 
 def correct(completion, gold, **_):
@@ -171,16 +225,11 @@ def correct_lenient(completion, gold, **_):
     return float(v is not None and v == g)
 
 
-_TAGS = {"reasoning": ("<reasoning>", "</reasoning>"), "think": ("<think>", "</think>")}
-
-
-def format_strict(completion, layout="reasoning", **_):
-    """1.0 iff the whole completion is the exact reasoning/answer (or R1 think/answer) layout."""
+def format_strict(completion, layout="reasoning", prompt="", **_):
+    """1.0 iff well_formed and the whole completion is the exact reasoning/answer (or R1 think/answer) layout."""
     s = _str(completion)
-    if layout not in _TAGS:
-        raise ValueError(f"layout must be 'reasoning' or 'think', got {layout!r}")
-    o, c = _TAGS[layout]
-    if any(s.count(t) != 1 for t in (o, c, "<answer>", "</answer>")):
+    o, c = _layout_tags(layout)
+    if any(s.count(t) != 1 for t in (o, c, "<answer>", "</answer>")) or not well_formed(s, prompt, layout):
         return 0.0
     if layout == "reasoning":
         # HF course regex ^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$ but linear, with
@@ -197,9 +246,11 @@ def format_strict(completion, layout="reasoning", **_):
     return float(s.startswith(o) and s.endswith("</answer>") and i <= j and not s[i:j].strip())
 
 
-def format_soft(completion, **_):
-    """1.0 if <reasoning>...</reasoning> is followed anywhere by <answer>...</answer>."""
+def format_soft(completion, prompt="", **_):
+    """1.0 if well_formed and <reasoning>...</reasoning> is followed anywhere by <answer>...</answer>."""
     s, i = _str(completion), 0
+    if not well_formed(s, prompt):
+        return 0.0
     for t in ("<reasoning>", "</reasoning>", "<answer>", "</answer>"):
         i = s.find(t, i)
         if i < 0:
@@ -208,24 +259,26 @@ def format_soft(completion, **_):
     return 1.0
 
 
-def integer_answer(completion, **_):
-    """1.0 if the strict answer block is a bare integer literal ('-12', '1,234'; not '$5', '5.0')."""
+def integer_answer(completion, prompt="", **_):
+    """1.0 if well_formed and the strict answer block is a bare integer literal ('-12', '1,234'; not '$5')."""
     # Bare literal, like the course's isdigit() check plus sign/commas: it shapes towards the clean
     # answer `correct` parses reliably, so "the answer is 18" gets nothing here.
     a = answer_block(completion)
-    ok = a is not None and _INT.fullmatch(a) is not None
+    ok = a is not None and _INT.fullmatch(a) is not None and well_formed(completion, prompt)
     return float(ok and len(a.lstrip("-\u2212")) - a.count(",") <= MAX_DIGITS)
 
 
 _XML = ("<reasoning>\n", "\n</reasoning>\n", "\n<answer>\n", "\n</answer>")
 
 
-def xml_count(completion, **_):
-    """Shaping: +0.125 per tag (with newline) seen exactly once, -0.001/char after </answer>; in [-0.5, 0.5]."""
+def xml_count(completion, prompt="", **_):
+    """Shaping: +0.125 per tag (with newline) seen once if well_formed, -0.001/char after </answer>; in [-0.5, 0.5]."""
     # willccbb's count_xml penalises len(text after "\n</answer>\n") but if that exact string is missing
     # it charges the *whole* text; here: text after the last "</answer>", stripped of whitespace, cap 0.5.
+    # Only the tag credit is gated: the rambling penalty stays, so an ill-formed completion never outscores
+    # the same completion made well-formed.
     s = _str(completion)
-    r = 0.125 * sum(s.count(t) == 1 for t in _XML)
+    r = 0.125 * sum(s.count(t) == 1 for t in _XML) if well_formed(s, prompt) else 0.0
     j = s.rfind("</answer>")
     if j >= 0:
         r -= min(0.001 * len(s[j + len("</answer>"):].strip()), 0.5)
@@ -311,27 +364,32 @@ def _name(fn):
 
 def combine(reward_list, completion, **fields):
     """(weighted sum, {fn name: unweighted score}) of a task's [(weight, fn)] rewards."""
-    total, per = 0.0, {}
+    terms, per = [], {}
     for w, fn in reward_list:
         k = _name(fn)
         if k in per:
             raise ValueError(f"duplicate reward name {k!r} in reward list")
         per[k] = float(fn(completion, **fields))
-        total += w * per[k]
-    return total, per
+        terms.append(w * per[k])
+    return math.fsum(terms), per  # exact: 2.0 + 0.2 + 0.1 + 0.1 + 0.1 is 2.5, not 2.5000000000000004
 
 
-# GSM8K (willccbb's gist weights): a right answer (2.0) is worth as much as perfect formatting in
-# total (0.5 strict + 0.5 soft + 0.5 integer + xml_count's max 0.5 at weight 1), max total 4.0.
-# GRPO normalises advantages per group, so shaping drives early learning of the layout; once every
-# sample in a group is well-formatted those terms are constant, carry zero advantage, and only
-# correctness is left as signal. format_soft/xml_count give partial credit before strict succeeds.
+# GSM8K: format is a small fraction of a right answer. willccbb's gist weights (2.0 correct, 0.5 strict,
+# 0.5 soft, 0.5 integer, 1.0 xml_count; max 4.0) made format worth as much as correctness, and SmolLM2-135M
+# on GSM8K learned to copy the system prompt's "<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
+# template for 1.5 of 4 (empty reasoning and any integer answer took 2.0). Now every format reward is gated
+# on well_formed (real reasoning, one number) and they sum to at most 0.5 (0.2 + 0.1 + 0.1 + 0.2 * xml_count's
+# max 0.5) against 2.5 for a right, well-formed answer: format-only earns at most FORMAT_SHARE_MAX of it.
+# GRPO normalises advantages per group, so shaping still drives early learning of the layout; once every
+# sample in a group is well-formed those terms are constant, carry zero advantage, and only correctness is
+# left as signal.
+FORMAT_SHARE_MAX = 0.2  # max GSM8K total when `correct` is 0, as a share of a right, well-formed answer's total
 GSM8K_REWARDS = [
     (2.0, correct),
-    (0.5, format_strict),
-    (0.5, format_soft),
-    (0.5, integer_answer),
-    (1.0, xml_count),
+    (0.2, format_strict),
+    (0.1, format_soft),
+    (0.1, integer_answer),
+    (0.2, xml_count),
 ]
 
 # Wordle (DeepLearning.AI course shape): winning dominates (1 + 0.5 partial); partial credit is dense

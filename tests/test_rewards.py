@@ -15,15 +15,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rewards as R  # noqa: E402
 
 GSM8K_TRAIN = Path(__file__).resolve().parents[2] / "shared/data/gsm8k/train.jsonl"
-FIELDS = dict(gold="42", secret="CRANE", history=[("SLATE", "XXGXG"), ("TRACE", list("XGGYG"))], num_tokens=None)
+INSTRUCTION = ("First think inside <reasoning> </reasoning> tags, then give the final number inside "
+               "<answer> </answer> tags.")
+QUESTION = "A box holds 6 rows of 7 eggs. How many eggs are in the box?"
+# what train.py passes as `prompt`: every prompt message's text joined with "\n" (system, then user)
+PROMPT = ("Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
+          f"{QUESTION}\n\n{INSTRUCTION}")
+FIELDS = dict(gold="42", secret="CRANE", history=[("SLATE", "XXGXG"), ("TRACE", list("XGGYG"))], num_tokens=None,
+              prompt=PROMPT)
 ALL_REWARDS = [R.correct, R.correct_lenient, R.format_strict, partial(R.format_strict, layout="think"), R.format_soft,
                R.integer_answer, R.xml_count, R.wordle_correct, R.wordle_partial, R.wordle_format,
                R.wordle_consistent, R.length_penalty]
 GOOD = "<reasoning>\n6 * 7 = 42\n</reasoning>\n<answer>\n42\n</answer>\n"
 
 
-def wrap(x):
-    return f"<reasoning>\nwork\n</reasoning>\n<answer>\n{x}\n</answer>\n"
+def wrap(x, reasoning="6 times 7 is 42"):
+    return f"<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{x}\n</answer>\n"
 
 
 # ----------------------------------------------------------------------------- robustness
@@ -44,7 +51,7 @@ def test_never_raises_or_nan(s):
     assert math.isfinite(total) and all(math.isfinite(v) for v in per.values())
     assert -0.5 <= R.xml_count(s) <= 0.5
     assert 0.0 <= R.wordle_partial(s, secret="CRANE") <= 1.0
-    for f in (R.parse_number, R.last_number, R.answer_block, R.parse_guess):
+    for f in (R.parse_number, R.last_number, R.answer_block, R.parse_guess, R.reasoning_block, R.well_formed):
         f(s)
 
 
@@ -56,6 +63,7 @@ ADVERSARIAL = [
     "1/" * 500_000, "$" * 1_000_000,
     wrap("x" * 1_000_000), "<reasoning>\n" + "x" * 1_000_000 + "\n</reasoning>\n<answer>\n42\n</answer>\n" + "y" * 10,
     "<think>" + " " * 1_000_000 + "</think>" * 2, "é" * 1_000_000, "</answer>" + "z" * 1_000_000,
+    wrap(42, "Ab " * 333_333), wrap(42, "-" * 1_000_000), "--" * 500_000 + "5", "-\u2212." * 333_333 + "5",
 ]
 
 
@@ -80,6 +88,8 @@ def test_non_str_is_type_error():
 def test_bad_fields_are_value_errors():
     with pytest.raises(ValueError):
         R.format_strict(GOOD, layout="xml")
+    with pytest.raises(ValueError):
+        R.well_formed(GOOD, layout="xml")
     with pytest.raises(ValueError):
         R.wordle_partial("<guess>CRANE</guess>", secret="CRANES")
 
@@ -128,6 +138,8 @@ def test_parse_number_examples():
     for t, v in cases.items():
         assert R.parse_number(t) == v, t
     assert R.last_number("3 apples, 4 pears, total 7.") == 7
+    assert [R._to_fraction(t) for t in R._NUM.findall("3-4")] == [3, 4]
+    assert R.last_number("3-4") == 4 and R.parse_number("- 5") == 5  # a spaced minus is no sign: unchanged
     assert R.last_number("7 then 1e999999") == 7  # exponent token rejected, earlier number kept
 
 
@@ -140,6 +152,24 @@ def test_extract_gold():
     for bad in ("72", "#### ", "#### seventy", "#### 3 or 4", "#### 1e5"):
         with pytest.raises(ValueError):
             R.extract_gold(bad)
+
+
+def test_double_minus_is_no_number():
+    for t in ("--5", "\u2212\u22125", "-\u22125", "\u2212-5", "--$5", "$--5", "--.5", "x --5 y",
+              "<answer>--5</answer>"):
+        assert R.parse_number(t) is None, t
+        assert R.last_number(t) is None, t
+    for t in ("-5", "$-5", "-$5", "\u22125", "x -5 y"):
+        assert R.parse_number(t) == -5, t
+    assert R.parse_number("3--4") == 3  # the 4 after two minus signs is no number
+    a = R.answer_block("<answer>--5</answer>")
+    assert a == "--5" and R.parse_number(a) is None
+    hedge = "<reasoning>\nsome real work here\n</reasoning>\n<answer>\n--5\n</answer>"
+    for gold in ("5", "-5"):
+        assert R.correct(hedge, gold=gold) == 0.0 and R.correct_lenient(hedge, gold=gold) == 0.0
+    assert R.integer_answer(hedge) == 0.0 and not R.well_formed(hedge)
+    with pytest.raises(ValueError):
+        R.extract_gold("#### --5")
 
 
 # ----------------------------------------------------------------------------- correctness
@@ -200,20 +230,26 @@ def test_hacks_rejected():
 def test_format_strict_and_soft():
     assert R.format_strict(GOOD) == 1.0
     assert R.format_strict(GOOD.rstrip()) == 1.0 and R.format_strict(GOOD + "\n  ") == 1.0  # trailing ws ok
-    assert R.format_strict("<reasoning>\nline1\nline2\n</reasoning>\n<answer>\n42\n</answer>") == 1.0
-    assert R.format_strict("<reasoning>\n\n</reasoning>\n<answer>\n\n</answer>\n") == 1.0  # empty: open hack
+    assert R.format_strict("<reasoning>\n6 rows\nof 7 eggs\n</reasoning>\n<answer>\n42\n</answer>") == 1.0
+    assert R.format_strict("<reasoning>\n\n</reasoning>\n<answer>\n\n</answer>\n") == 0.0  # empty: closed by the gate
     assert R.format_strict("<reasoning>\n</reasoning>\n<answer>\n</answer>\n") == 0.0  # regex needs \n..\n
+    assert R.format_strict("<reasoning>6 times 7</reasoning>\n<answer>\n42\n</answer>") == 0.0  # well-formed, no \n
     assert R.format_strict(" " + GOOD) == 0.0  # leading junk
     assert R.format_strict("<reasoning>x</reasoning>\n<answer>\n42\n</answer>") == 0.0
+    assert R.format_strict(wrap(42, "x")) == 0.0 and R.format_strict(wrap(42, "...")) == 0.0  # right layout, gated
+    assert R.format_strict(wrap("...", "6 times 7 is 42")) == 0.0  # no number
     assert R.format_strict(GOOD.replace("42\n</answer>", "<answer>42\n</answer>")) == 0.0  # duplicate tag
-    think = "<think>\nhmm\n</think>\n<answer>42</answer>"
+    think = "<think>\nsix sevens make 42\n</think>\n<answer>42</answer>"
     assert R.format_strict(think, layout="think") == 1.0
-    assert R.format_strict("<think>a</think><answer>42</answer>", layout="think") == 1.0
-    assert R.format_strict("<think>a</think> x <answer>42</answer>", layout="think") == 0.0
+    assert R.format_strict("<think>a b c</think><answer>42</answer>", layout="think") == 1.0
+    assert R.format_strict("<think>hmm</think><answer>42</answer>", layout="think") == 0.0  # gated on <think>
+    assert R.format_strict("<think>a b c</think> x <answer>42</answer>", layout="think") == 0.0
     assert R.format_strict(think + " extra", layout="think") == 0.0
     assert R.format_strict(think) == 0.0 and R.format_strict(GOOD, layout="think") == 0.0
-    assert R.format_soft("pre <reasoning>a\nb</reasoning> mid <answer>4</answer> post") == 1.0
-    assert R.format_soft("<answer>4</answer><reasoning>a</reasoning>") == 0.0
+    assert R.format_soft("pre <reasoning>a\nb c</reasoning> mid <answer>4</answer> post") == 1.0
+    assert R.format_soft("pre <reasoning>a\nb</reasoning> mid <answer>4</answer> post") == 0.0  # 2 words: gated
+    assert R.format_soft("<reasoning>a b c</reasoning><answer>x</answer>") == 0.0  # no number: gated
+    assert R.format_soft("<answer>4</answer><reasoning>a b c</reasoning>") == 0.0
     assert R.format_soft("<reasoning>a</reasoning>") == 0.0
 
 
@@ -221,8 +257,12 @@ def test_integer_answer_and_xml_count():
     for a, want in [("42", 1), ("-7", 1), ("1,234", 1), ("42.0", 0), ("$42", 0), ("4 2", 0), ("", 0), ("x", 0)]:
         assert R.integer_answer(wrap(a)) == want, a
     assert R.integer_answer(wrap("9" * 101)) == 0.0
-    assert R.xml_count("<reasoning>\n") == 0.125
+    assert R.integer_answer(wrap("42", "work")) == 0.0  # gated: one-word reasoning
+    assert R.integer_answer("<answer>\n42\n</answer>") == 0.0  # gated: no reasoning
+    assert R.xml_count(GOOD.replace("<reasoning>\n", "<reasoning>")) == 0.375  # 0.125 per tag-with-newline
+    assert R.xml_count("<reasoning>\n") == 0.0  # gated: the tag credit needs a well-formed completion
     assert R.xml_count("<reasoning>\n<reasoning>\n") == 0.0  # a tag twice earns nothing
+    assert R.xml_count(wrap("...", "...") + "x" * 100) == pytest.approx(-0.1)  # not well-formed: penalty only
     assert R.xml_count(GOOD.rstrip("\n")) == 0.5
 
 
@@ -322,8 +362,9 @@ def test_combine():
     assert per == {"correct": 1.0, "format_strict": 1.0, "length_penalty": -4.0}
     assert total == pytest.approx(2.0 + 0.5 - 1.0)
     total, per = R.combine(R.GSM8K_REWARDS, GOOD, gold="42")
-    assert set(per) == {"correct", "format_strict", "format_soft", "integer_answer", "xml_count"}
-    assert total == pytest.approx(sum(w for w, _ in R.GSM8K_REWARDS) - 1.0 + 0.5)  # xml_count max is 0.5
+    assert per == {"correct": 1.0, "format_strict": 1.0, "format_soft": 1.0, "integer_answer": 1.0, "xml_count": 0.5}
+    assert total == pytest.approx(sum(w for w, _ in R.GSM8K_REWARDS) - 0.2 * 0.5)  # xml_count max is 0.5
+    assert total == 2.5  # combine's fsum is exact; a plain += would give 2.5000000000000004
     assert R.combine(R.GSM8K_REWARDS, GOOD, gold="41")[0] == pytest.approx(total - 2.0)
     _, per = R.combine([(1.0, partial(R.format_strict, layout="think"))], GOOD)
     assert per == {"format_strict": 0.0}
@@ -332,3 +373,64 @@ def test_combine():
     assert R.combine([], GOOD) == (0.0, {})
     with pytest.raises(ValueError):
         R.combine([(1.0, R.correct), (2.0, R.correct)], GOOD, gold="42")
+
+
+# ----------------------------------------------------------------------------- format gate (template-copy hacks)
+
+def test_well_formed():
+    assert R.well_formed(GOOD) and R.well_formed(GOOD, prompt=PROMPT)
+    assert R.well_formed(wrap(85, "37 + 48 = 85"), prompt=PROMPT)
+    assert R.well_formed(wrap("$1,234.50 dollars", "add the two prices up"), prompt=PROMPT)
+    assert R.well_formed(wrap("42 ... so 42.0"), prompt=PROMPT)  # one value, repeated
+    assert R.well_formed("<think>six sevens make 42</think><answer>42</answer>", layout="think")
+    assert not R.well_formed("<think>six sevens make 42</think><answer>42</answer>")  # wrong layout
+    assert not R.well_formed(GOOD, layout="think")
+    bad = {
+        "no number": wrap("forty-two"), "empty answer": wrap(""), "two numbers": wrap("41 or 42"),
+        "placeholder": wrap(42, "..."), "one char": wrap(42, "x"), "one word": wrap(42, "work"),
+        "empty reasoning": wrap(42, ""), "2 words": wrap(42, "6 times"), "punctuation only": wrap(42, "+ - * / = ..."),
+        "copied instruction": wrap(42, INSTRUCTION), "copied question": wrap(42, QUESTION),
+        "copied template line": wrap(42, "Respond in the following format:"),
+        "copy, other case/whitespace": wrap(42, "  a BOX holds 6 rows\n\nof   7\teggs. "),
+        "no reasoning block": "<answer>\n42\n</answer>", "no answer block": "<reasoning>\n6 times 7\n</reasoning>\n42",
+        "two reasoning blocks": "<reasoning>\n6 times 7\n</reasoning>\n" + GOOD,
+        "two answer blocks": GOOD + "<answer>\n42\n</answer>",
+        "misordered reasoning": "</reasoning>\n6 times 7\n<reasoning>\n<answer>\n42\n</answer>",
+    }
+    for why, text in bad.items():
+        assert not R.well_formed(text, prompt=PROMPT), why
+    assert R.well_formed(wrap(42, QUESTION))  # without a prompt there is nothing to copy
+    assert R.well_formed(wrap(42, "so " + QUESTION), prompt=PROMPT)  # not a verbatim substring: cannot close
+    assert R.reasoning_block(GOOD) == "6 * 7 = 42" and R.reasoning_block(GOOD, layout="think") is None
+    assert R.reasoning_block("<think> a </think>", layout="think") == "a"
+
+
+def test_template_copy_hacks_earn_a_small_fraction():
+    good, per = R.combine(R.GSM8K_REWARDS, GOOD, gold="42", prompt=PROMPT)
+    assert good == 2.5 and per["correct"] == 1.0
+    hacks = {
+        "template": "<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>",  # SmolLM2's learned output
+        "placeholder": "<reasoning>\nx\n</reasoning>\n<answer>\n0\n</answer>",
+        "bare answer": "<answer>\n7\n</answer>",
+        "copied instruction": wrap(7, INSTRUCTION),
+        "copied question": wrap(7, QUESTION),
+    }
+    for why, text in hacks.items():
+        total, per = R.combine(R.GSM8K_REWARDS, text, gold="42", prompt=PROMPT)
+        assert total <= R.FORMAT_SHARE_MAX * good, why
+        assert total == 0.0 and set(per.values()) == {0.0}, (why, per)
+    # an honest, well-formed wrong answer takes exactly the format share, a right one without reasoning only `correct`
+    assert R.combine(R.GSM8K_REWARDS, wrap(41), gold="42", prompt=PROMPT)[0] == R.FORMAT_SHARE_MAX * good == 0.5
+    assert R.combine(R.GSM8K_REWARDS, "<answer>\n42\n</answer>", gold="42", prompt=PROMPT)[0] == 2.0
+
+
+structured = st.builds(wrap, texts, texts)  # right layout, arbitrary reasoning and answer
+
+
+@settings(deadline=None)
+@given(st.one_of(texts, structured))
+def test_format_only_earns_at_most_the_format_share(s):
+    good = R.combine(R.GSM8K_REWARDS, GOOD, gold="42", prompt=PROMPT)[0]
+    assert good == 2.5
+    if R.correct(s, gold="42") == 0.0:
+        assert R.combine(R.GSM8K_REWARDS, s, gold="42", prompt=PROMPT)[0] <= R.FORMAT_SHARE_MAX * good
