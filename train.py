@@ -1,7 +1,15 @@
 """GRPO fine-tuning, end to end: python train.py --task gsm8k [--model Qwen/Qwen2.5-0.5B-Instruct] [--out runs/NAME]
 
-Each step: sample prompts -> G completions each (sample.py) -> rewards (rewards.py) -> group advantages ->
-reference log-probs -> update passes (grpo.py) -> optimizer step -> log -> eval / checkpoint.
+Read it top to bottom: the config (every flag), small helpers, evaluation, set-up, then one function per stage of
+a step, then main(), whose loop shows the stages in order and nothing else:
+  1. next_prompts  this rank's share of the step's prompts (a seeded permutation per epoch)
+  2. rollout       G completions per prompt from the current policy (sample.py, KV-cached, no grad)
+  3. score         each reward function (tasks.py -> rewards.py) and the task's 0/1 metrics
+  4. advantages    group-relative: (r - mean(group)) / (std(group) + eps)            (grpo.py)
+  5. reference     the frozen reference's token log-probs, for the k3 KL term (beta > 0 only)
+  6. update        clipped surrogate - beta * k3, backward over micro-batches, optimizer step(s)  (grpo.py)
+  7. log_step      one metrics.jsonl line, reduced over ranks; then eval and checkpoint on schedule
+What to train on lives in tasks.py (data, prompt, rewards, metrics): adding a task never touches this file.
 Multi-GPU: torchrun --nproc_per_node N train.py ... (data parallel; see README "Multi-GPU").
 
 Dtype policy, the one place it is set: weights, optimizer state and checkpoints are fp32 everywhere. On CUDA,
@@ -11,14 +19,12 @@ Legend: P prompts per rank per step, G group, N = P*G rows, T completion time.
 """
 import argparse
 import glob
-import hashlib
 import json
 import math
 import os
 import shutil
 import sys
 import time
-import urllib.request
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
@@ -27,10 +33,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import rewards as R
 from grpo import LOSS_TYPES, group_advantages, grpo_loss, loss_normalizer, token_logprobs
-from model import Transformer, resolve_checkpoint
+from model import Transformer
 from sample import generate
+from tasks import TASKS, Task, TaskError, parse_options, prompt_text  # noqa: F401 (Task: for forkers and tests)
 from tokenizer import Tokenizer
 
 
@@ -40,13 +46,15 @@ def arg(default, help, **kw):
 
 @dataclass
 class TrainConfig:
-    task: str = arg("gsm8k", "task to train on (see TASKS)")
+    task: str = arg("gsm8k", "task to train on (tasks.py: gsm8k, arith)")
+    task_opts: str = arg("", "task options as k=v,k=v (arith: digits=2,ops=+,terms=2,...; see tasks.py)")
     model: str = arg("Qwen/Qwen2.5-0.5B-Instruct", "Hugging Face repo id or local checkpoint dir")
     data_dir: str = arg("", "dir with the task's train.jsonl/test.jsonl; empty: download (checksummed) to --cache-dir")
     cache_dir: str = arg("~/.cache/grpo", "where downloaded datasets are kept")
     out: str = arg("", "run dir for metrics, evals, checkpoints (default runs/TASK-TIMESTAMP)")
     resume: str = arg("", "run dir to continue from its last complete checkpoint (flags given now override)")
     plot: str = arg("", "only write the curves of this run dir to a PNG, then exit")
+    eval_only: bool = arg(False, "only evaluate --model on the task's test split (eval.jsonl in --out), then exit")
     steps: int = arg(200, "optimizer steps (x mu)")
     prompts_per_step: int = arg(16, "prompts per step, global across ranks")
     group_size: int = arg(8, "G: completions per prompt")
@@ -101,84 +109,6 @@ def parse_args(argv=None):
     words = argv if argv is not None else sys.argv[1:]
     given = {a.dest for a in p._actions for o in a.option_strings for w in words if w == o or w.startswith(o + "=")}
     return TrainConfig(**args), given
-
-
-# ----------------------------------------------------------------------------- tasks
-# A task bundles: load(cfg) -> (train, test) lists of example dicts; prompt(example) -> chat messages; rewards,
-# a list of (weight, fn) summed into the training reward; metrics, named 0/1 functions reported as accuracy
-# in training and evaluation. Reward fns take (completion, **example). Adding a task = one Task(...) in TASKS.
-
-@dataclass
-class Task:
-    load: object
-    prompt: object
-    rewards: list
-    metrics: dict
-
-
-GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{}.jsonl"
-GSM8K_SHA256 = {"train": "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",
-                "test": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14"}
-GSM8K_SYSTEM = "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
-# repeated after the question: small models (SmolLM2-135M) ignore a system-only format instruction
-GSM8K_USER = ("{question}\n\nFirst think inside <reasoning> </reasoning> tags, then give the final number inside "
-              "<answer> </answer> tags.")
-
-
-def sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def gsm8k_file(cfg, split):
-    """--data-dir/SPLIT.jsonl, or the original openai/grade-school-math file, downloaded once and checksummed."""
-    if cfg.data_dir:
-        path = os.path.join(os.path.expanduser(cfg.data_dir), f"{split}.jsonl")
-        if not os.path.isfile(path):
-            die(f"{path} not found: --data-dir must hold train.jsonl and test.jsonl in the GSM8K jsonl format")
-        return path
-    path = os.path.join(os.path.expanduser(cfg.cache_dir), "gsm8k", f"{split}.jsonl")
-    if os.path.isfile(path) and sha256(path) == GSM8K_SHA256[split]:
-        return path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:
-        with urllib.request.urlopen(GSM8K_URL.format(split), timeout=30) as r, open(path + ".tmp", "wb") as f:
-            shutil.copyfileobj(r, f)
-    except OSError as e:
-        die(f"could not download GSM8K {split} ({e}); offline, pass --data-dir DIR with train.jsonl and test.jsonl "
-            "(from github.com/openai/grade-school-math, grade_school_math/data)")
-    if sha256(path + ".tmp") != GSM8K_SHA256[split]:
-        die(f"downloaded GSM8K {split} has the wrong sha256; not using it (left at {path}.tmp)")
-    os.replace(path + ".tmp", path)
-    return path
-
-
-def read_gsm8k(path):
-    """[{question, gold}] from GSM8K jsonl: one {"question": ..., "answer": "... #### 42"} per line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-                out.append({"question": ex["question"], "gold": R.extract_gold(ex["answer"])})
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                die(f"{path}:{i}: bad GSM8K line ({type(e).__name__}: {e})")
-    if not out:
-        die(f"{path}: no examples")
-    return out
-
-
-TASKS = {
-    "gsm8k": Task(
-        load=lambda cfg: (read_gsm8k(gsm8k_file(cfg, "train")), read_gsm8k(gsm8k_file(cfg, "test"))),
-        prompt=lambda ex: [{"role": "system", "content": GSM8K_SYSTEM},
-                           {"role": "user", "content": GSM8K_USER.format(question=ex["question"])}],
-        rewards=R.GSM8K_REWARDS,
-        metrics={"acc_strict": R.correct, "acc_lenient": R.correct_lenient},
-    ),
-}
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -282,10 +212,15 @@ def plot(run_dir):
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(model, tok, task, test, cfg, amp, rank, world):
-    """Greedy pass@1 on the first eval_n test problems, sharded across ranks; returns (metrics, per-problem rows)."""
-    mine = list(range(rank, min(cfg.eval_n, len(test)), world))
-    rows = []
+def evaluate(model, tok, task, test, cfg, amp, rank, world, log=print):
+    """Greedy pass@1 on the first eval_n test problems, sharded across ranks; returns (metrics, per-problem rows).
+
+    Prints progress after every batch (problems done, running accuracy, ETA): 1,319 GSM8K problems of up to 512
+    tokens take a long while on a CPU, and a silent evaluation looks hung.
+    """
+    total = min(cfg.eval_n, len(test))
+    mine = list(range(rank, total, world))
+    rows, t0 = [], time.time()
     for s in range(0, len(mine), cfg.eval_batch):
         idx = mine[s:s + cfg.eval_batch]
         prompts = [tok.encode_chat(task.prompt(test[i])) for i in idx]
@@ -294,6 +229,10 @@ def evaluate(model, tok, task, test, cfg, amp, rank, world):
                           vocab_size=tok.vocab_size, pad_id=tok.pad_id)
         for i, text in zip(idx, completion_texts(tok, ro)):
             rows.append({"index": i, "completion": text, **{k: f(text, **test[i]) for k, f in task.metrics.items()}})
+        done, dt = len(rows), time.time() - t0  # rank 0's share stands for every rank's: shards differ by <= 1
+        accs = " ".join(f"{k} {sum(r[k] for r in rows) / done:.3f}" for k in task.metrics)
+        log(f"  eval {min(done * world, total)}/{total} | {accs} | {dt:.0f} s, ETA {dt / done * (len(mine) - done):.0f} s",
+            flush=True)
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, rows)
@@ -302,13 +241,30 @@ def evaluate(model, tok, task, test, cfg, amp, rank, world):
     return {"n": len(rows), **{k: sum(r[k] for r in rows) / n for k in task.metrics}}, rows
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- set-up
 
-def main(argv=None):
-    cfg, given = parse_args(argv)
-    if cfg.plot:
-        return plot(cfg.plot)
+@dataclass
+class Run:
+    """Everything a step needs, built once by setup(): the stages below read it, the loop in main() owns it."""
+    cfg: TrainConfig
+    task: Task
+    train: list
+    test: list
+    tok: Tokenizer
+    model: Transformer
+    ref: Transformer  # frozen initial weights; None when beta == 0 (or --eval-only)
+    opt: torch.optim.Optimizer  # None with --eval-only
+    amp: object  # a context-manager factory: bf16 autocast on CUDA, nothing on CPU (the dtype policy, top of file)
+    device: torch.device
+    rank: int
+    world: int
+    P: int  # prompts per rank per step
+    start: int  # last completed step (0 for a new run)
+    log: object  # print on rank 0, a no-op elsewhere
 
+
+def setup(cfg, given):
+    """Distributed init, resume, every check of the settings, then data, tokenizer, models and optimizer."""
     # ---- distributed: torchrun sets RANK/WORLD_SIZE; each rank takes P/world prompts of every step
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world > 1:
@@ -321,20 +277,26 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *a, **k: None)
 
     # ---- resume: the run's saved config, overridden by flags given now
-    start, state = 0, None
+    start, state, ck = 0, None, []
+    if cfg.resume and cfg.eval_only:
+        die("--eval-only evaluates --model; to evaluate a run's checkpoint pass --model RUN/step-N")
     if cfg.resume:
         ck = checkpoints(cfg.resume)
         if not ck:
             die(f"--resume {cfg.resume}: no complete checkpoint (step-N/trainer_state.pt) there")
         state = torch.load(os.path.join(ck[-1], "trainer_state.pt"), map_location="cpu", weights_only=False)
-        saved = TrainConfig(**state["config"])
+        saved = TrainConfig(**{k: v for k, v in state["config"].items() if k in {f.name for f in fields(TrainConfig)}})
         cfg = TrainConfig(**{f.name: getattr(cfg if f.name in given else saved, f.name) for f in fields(TrainConfig)})
         cfg.out, start = cfg.resume, state["step"]
         log(f"resuming {cfg.out} from {ck[-1]} (step {start})")
 
-    # ---- check the settings before loading anything
+    # ---- check the settings before loading anything: a bad flag costs one line, not a model load
     if cfg.task not in TASKS:
         die(f"unknown task {cfg.task!r}; known: {', '.join(TASKS)}")
+    try:
+        opts = parse_options(cfg.task, cfg.task_opts)
+    except TaskError as e:
+        die(str(e))
     if cfg.prompts_per_step % world:
         die(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by the {world} ranks")
     for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "mu", "micro_batch", "eval_batch",
@@ -343,18 +305,20 @@ def main(argv=None):
             die(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.temperature <= 0:
         die("--temperature must be > 0 for training rollouts (greedy groups have no variance to learn from)")
-    task, P = TASKS[cfg.task], cfg.prompts_per_step // world
-    cfg.out = cfg.out or os.path.join("runs", f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg.out = cfg.out or os.path.join("runs", f"{cfg.task}-{'eval-' if cfg.eval_only else ''}{time.strftime('%Y%m%d-%H%M%S')}")
     torch.manual_seed(cfg.seed + rank)
 
-    # ---- load data, tokenizer, policy, and (only when beta > 0) the frozen reference
-    train, test = task.load(cfg)
+    # ---- data, tokenizer, policy, and (only when beta > 0) the frozen reference
+    try:
+        train, test = TASKS[cfg.task].load(cfg.data_dir, cfg.cache_dir, **opts)
+    except TaskError as e:
+        die(str(e))
     src = ck[-1] if state else cfg.model
     try:
         tok = Tokenizer(src)
         model = Transformer.from_pretrained(src, device=device)
         ref = None
-        if cfg.beta != 0:  # the reference is always the initial weights, also on resume
+        if cfg.beta != 0 and not cfg.eval_only:  # the reference is always the initial weights, also on resume
             ref = Transformer.from_pretrained(cfg.model, device=device,
                                               dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
             ref.requires_grad_(False).eval()
@@ -362,7 +326,10 @@ def main(argv=None):
         die(f"could not load model {src!r}: {e}")
     model.gradient_checkpointing = cfg.grad_ckpt
     amp = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    opt = None
+    if not cfg.eval_only:
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
+                                weight_decay=cfg.weight_decay)
     if state:
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -374,168 +341,255 @@ def main(argv=None):
             json.dump(asdict(cfg), f, indent=2)
     log(json.dumps(asdict(cfg)))
     log(f"{len(train)} train / {len(test)} test examples; {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-        f"params on {device} x {world}; reference model: {'loaded' if ref else 'none (beta=0)'}")
+        f"params on {device} x {world}; reference model: "
+        f"{'loaded' if ref else 'none (--eval-only)' if cfg.eval_only else 'none (beta=0)'}")
+    return Run(cfg, TASKS[cfg.task], train, test, tok, model, ref, opt, amp, device, rank, world,
+               cfg.prompts_per_step // world, start, log)
 
-    def run_eval(step):
-        metrics, rows = evaluate(model.eval(), tok, task, test, cfg, amp(), rank, world)
-        if rank == 0:
-            with open(os.path.join(cfg.out, "eval.jsonl"), "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
-            os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)
-            with open(os.path.join(cfg.out, "eval", f"step-{step}.jsonl"), "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-        log(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+
+# ----------------------------------------------------------------------------- the stages of a step
+# Each stage is a function of the Run and what the earlier stages returned, so a forker can replace one (a
+# different reward mixing, another advantage estimator, a rollout engine) without touching the rest.
+
+def next_prompts(run, step):
+    """This rank's share of the step's global batch: (examples, their global data positions)."""
+    # The order is a fixed permutation per epoch from (seed, epoch) alone, so it is the same for any number of
+    # ranks and across a resume; rank r takes positions r*P .. r*P+P-1 of the step's global batch.
+    idx, pos = data_indices(step, run.cfg, len(run.train))
+    sl = slice(run.rank * run.P, (run.rank + 1) * run.P)
+    return [run.train[i] for i in idx[sl]], pos[sl]
+
+
+def rollout(run, examples, pos):
+    """G completions per prompt from the current policy (sample.py), and their decoded texts."""
+    cfg = run.cfg
+    # One generator per prompt, seeded by the prompt's global data position: a prompt's completions do not
+    # depend on which rank drew it or on what else is in the batch, so N ranks sample what 1 process would.
+    gens = [torch.Generator(run.device).manual_seed(cfg.seed * 2 ** 32 + int(q)) for q in pos]
+    prompts = [run.tok.encode_chat(run.task.prompt(ex)) for ex in examples]
+    run.model.eval()
+    with run.amp():
+        ro = generate(run.model, prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
+                      run.tok.stop_ids, gens, run.tok.vocab_size, run.tok.pad_id, cfg.compile)
+    return ro, completion_texts(run.tok, ro)
+
+
+def score(run, examples, texts):
+    """Rewards per function and their weighted total (N,), and the task's 0/1 metrics, for every completion."""
+    # Every reward sees the example's fields and `prompt`, the prompt's text, so a format reward can refuse
+    # reasoning copied from the instruction (rewards.well_formed). Row i belongs to prompt i // G.
+    rows = [examples[i // run.cfg.group_size] for i in range(len(texts))]
+    ptexts = [prompt_text(run.task.prompt(ex)) for ex in rows]
+    per_fn = {f.__name__: [f(t, prompt=p, **ex) for t, p, ex in zip(texts, ptexts, rows)] for _, f in run.task.rewards}
+    total = torch.tensor([sum(w * per_fn[f.__name__][i] for w, f in run.task.rewards) for i in range(len(texts))])  # (N,)
+    accs = {k: [f(t, **ex) for t, ex in zip(texts, rows)] for k, f in run.task.metrics.items()}
+    return total, per_fn, accs
+
+
+def advantages(run, total):
+    """Group-relative advantages (N,) on the training device, and the fraction of groups with zero spread."""
+    # A group never spans ranks, so its mean and std are exact locally; with --adv-scale batch the std is this
+    # rank's batch's (grpo.py, departure 2). A zero-std group gets 0: it teaches nothing, and says so in the log.
+    adv, zero_std = group_advantages(total, run.cfg.group_size, run.cfg.adv_scale, run.cfg.adv_unbiased_std,
+                                     run.cfg.adv_eps)
+    return adv.to(run.device), zero_std
+
+
+def micro_batches(run, ro):
+    """Row slices of at most --micro-batch rows: memory changes with it, the gradient does not."""
+    return [slice(s, s + run.cfg.micro_batch) for s in range(0, ro.completion_mask.shape[0], run.cfg.micro_batch)]
+
+
+def logprobs(run, m, ro, sl):
+    """Token log-probs (rows, T) of the sampled completions under model m, at the sampling temperature."""
+    return token_logprobs(m, ro.prompt_ids[sl], ro.prompt_mask[sl], ro.completion_ids[sl], ro.completion_mask[sl],
+                          run.cfg.temperature, run.cfg.logprob_chunk)
+
+
+@torch.no_grad()
+def reference(run, ro):
+    """(ref_lp, old_lp), each (N, T) or None: the reference's log-probs when beta > 0, and, when mu > 1, the
+    policy's own before the first update pass (the pi_old of the ratio)."""
+    # With mu == 1 pi_old is the policy itself, so the ratio is exp(lp - lp.detach()) == 1 with the right gradient,
+    # and no extra forward is needed. The sampler's log-probs are not used as pi_old: under autocast or a
+    # different batch make-up they can differ from the trainer's by rounding.
+    mbs = micro_batches(run, ro)
+    with run.amp():
+        ref_lp = torch.cat([logprobs(run, run.ref, ro, sl) for sl in mbs]) if run.ref is not None else None
+        old_lp = torch.cat([logprobs(run, run.model, ro, sl) for sl in mbs]) if run.cfg.mu > 1 else None
+    return ref_lp, old_lp
+
+
+def update(run, step, ro, adv, ref_lp, old_lp):
+    """mu optimizer steps on this batch of rollouts; returns (summed loss stats, last grad norm, lr)."""
+    cfg, model, opt = run.cfg, run.model, run.opt
+    mask, mbs = ro.completion_mask, micro_batches(run, ro)
+    # One normaliser for the whole optimizer batch, summed over ranks (grpo.py, departure 5): each micro-batch's
+    # loss is already divided by it, so accumulating gradients over micro-batches and summing them over ranks
+    # gives exactly the gradient of one big single-process batch.
+    norm = loss_normalizer(cfg.loss_type, mask, cfg.max_new_tokens)
+    if run.world > 1:
+        norm = all_sum({"n": norm}, run.world)["n"]
+    model.train()
+    sums = {"loss": 0.0, "kl": 0.0, "ratio": 0.0, "clip_low": 0.0, "clip_high": 0.0, "tokens": 0.0}
+    for _ in range(cfg.mu):
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        for sl in mbs:
+            with run.amp():
+                lp = logprobs(run, model, ro, sl)
+            old = lp.detach() if old_lp is None else old_lp[sl]
+            loss, st = grpo_loss(lp, old, adv[sl], mask[sl], norm, cfg.loss_type,
+                                 None if ref_lp is None else ref_lp[sl], cfg.beta, cfg.eps_low, cfg.eps_high)
+            if not torch.isfinite(loss):
+                die(f"non-finite loss {loss.item()} at step {step}: {st}; advantages "
+                    f"[{adv.min().item():.3g}, {adv.max().item():.3g}]. Last checkpoint kept in {cfg.out}")
+            loss.backward()
+            sums["loss"] += loss.item()
+            for k in ("kl", "ratio", "clip_low", "clip_high"):
+                sums[k] += st[k] * st["tokens"]  # token-weighted, so the logged means are per token
+            sums["tokens"] += st["tokens"]
+        if run.world > 1:  # summed, not averaged: each rank's loss already carries the global normaliser
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        if not torch.isfinite(gn):
+            die(f"non-finite grad norm at step {step}. Last checkpoint kept in {cfg.out}")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return sums, gn, lr
+
+
+def log_step(run, step, ro, texts, total, per_fn, accs, zero_std, sums, gn, lr, times):
+    """Reduce the step's sums over ranks, append one line to metrics.jsonl, print a summary; returns the metrics."""
+    # Every metric is a global sum divided by a global count, so N ranks log what 1 process would; names say
+    # exactly what they measure (reward/FN is each function's unweighted mean, kl is k3 per completion token).
+    cfg, P = run.cfg, run.P
+    g = all_sum({
+        "rows": len(texts), "reward": total.sum().item(), "reward_sq": (total ** 2).sum().item(),
+        **{f"reward/{k}": sum(v) for k, v in per_fn.items()}, **{k: sum(v) for k, v in accs.items()},
+        "zero_std": zero_std * P, "groups": P, "len": float(ro.lengths.sum()),
+        "truncated": float((~ro.stopped).sum()), "completion_tokens": float(ro.completion_mask.sum()), **times,
+        **sums}, run.world)
+    len_max = torch.tensor(float(ro.lengths.max()))
+    if run.world > 1:
+        len_max = len_max.to(dist_device())
+        dist.all_reduce(len_max, op=dist.ReduceOp.MAX)
+    n, ntok, w = g["rows"], max(g["tokens"], 1), run.world
+    mean = g["reward"] / n
+    metrics = {
+        "step": step, "reward_mean": mean, "reward_std": math.sqrt(max(g["reward_sq"] / n - mean ** 2, 0.0)),
+        **{k: g[k] / n for k in g if k.startswith("reward/")}, **{k: g[k] / n for k in accs},
+        "zero_std_frac": g["zero_std"] / g["groups"], "len_mean": g["len"] / n, "len_max": len_max.item(),
+        "truncated_frac": g["truncated"] / n, "kl": g["kl"] / ntok, "ratio": g["ratio"] / ntok,
+        "clip_low": g["clip_low"] / ntok, "clip_high": g["clip_high"] / ntok, "loss": g["loss"] / cfg.mu,
+        "grad_norm": gn.item(), "lr": lr, "sample_s": g["sample_s"] / w, "train_s": g["train_s"] / w,
+        "step_s": g["step_s"] / w, "completion_tokens": g["completion_tokens"],
+        "tokens_per_s": g["completion_tokens"] / max(g["step_s"] / w, 1e-9),  # whole step, all ranks
+    }
+    if run.rank == 0:
+        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+    return metrics
+
+
+def print_step(run, step, metrics, t_run, texts, per_fn):
+    """One line per step (and every --print-every steps one sampled completion with its rewards)."""
+    cfg = run.cfg
+    eta = (time.time() - t_run) / (step - run.start) * (cfg.steps - step)
+    run.log(f"step {step}/{cfg.steps} | reward {metrics['reward_mean']:.3f} | acc "
+            f"{' / '.join(f'{metrics[k]:.2f}' for k in run.task.metrics)} | kl {metrics['kl']:.4f} | "
+            f"len {metrics['len_mean']:.0f} | {metrics['tokens_per_s']:.0f} tok/s | ETA {eta / 60:.1f} min", flush=True)
+    if cfg.print_every and step % cfg.print_every == 0:
+        run.log(f"--- sample (step {step}, rewards {({k: round(v[0], 3) for k, v in per_fn.items()})}):\n{texts[0]}\n---")
+
+
+def run_eval(run, step):
+    """Evaluate greedily on the test split; eval.jsonl gets the scores, eval/step-N.jsonl every completion."""
+    run.log(f"eval step {step}: {min(run.cfg.eval_n, len(run.test))} test problems, greedy, "
+            f"up to {run.cfg.max_new_tokens} new tokens")
+    metrics, rows = evaluate(run.model.eval(), run.tok, run.task, run.test, run.cfg, run.amp(), run.rank, run.world,
+                             run.log)
+    if run.rank == 0:
+        with open(os.path.join(run.cfg.out, "eval.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        os.makedirs(os.path.join(run.cfg.out, "eval"), exist_ok=True)
+        with open(os.path.join(run.cfg.out, "eval", f"step-{step}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    run.log(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in metrics.items()))
+    return metrics
 
-    def save(step):
-        """step-N/ = a Hugging Face model dir + trainer_state.pt, written to a temp dir and renamed into place."""
-        if rank == 0:
-            final, tmp = os.path.join(cfg.out, f"step-{step}"), os.path.join(cfg.out, f".step-{step}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp)
-            copy_tokenizer_files(tok.path, tmp)
-            torch.save({"step": step, "optimizer": opt.state_dict(), "config": asdict(cfg), "world_size": world,
-                        "data_position": step * cfg.prompts_per_step, "rng": {"torch": torch.get_rng_state()}},
-                       os.path.join(tmp, "trainer_state.pt"))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for old in checkpoints(cfg.out)[:-cfg.keep_last]:  # only now that the new one is complete
-                shutil.rmtree(old)
-            log(f"saved {final}")
-        if world > 1:
-            dist.barrier()
 
-    if start == 0:
-        run_eval(0)
-    t_run, step = time.time(), start
+def save(run, step):
+    """step-N/ = a Hugging Face model dir + trainer_state.pt, written to a temp dir and renamed into place."""
+    # A crash mid-write leaves only .step-N.tmp, which resume ignores; older checkpoints are deleted only once
+    # the new one is complete, so there is always one to resume from.
+    cfg = run.cfg
+    if run.rank == 0:
+        final, tmp = os.path.join(cfg.out, f"step-{step}"), os.path.join(cfg.out, f".step-{step}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        run.model.save_pretrained(tmp)
+        copy_tokenizer_files(run.tok.path, tmp)
+        torch.save({"step": step, "optimizer": run.opt.state_dict(), "config": asdict(cfg), "world_size": run.world,
+                    "data_position": step * cfg.prompts_per_step, "rng": {"torch": torch.get_rng_state()}},
+                   os.path.join(tmp, "trainer_state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints(cfg.out)[:-cfg.keep_last]:
+            shutil.rmtree(old)
+        run.log(f"saved {final}")
+    if run.world > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- main: the loop
+
+def main(argv=None):
+    cfg, given = parse_args(argv)
+    if cfg.plot:
+        return plot(cfg.plot)
+    run = setup(cfg, given)
+    cfg = run.cfg
+    if cfg.eval_only:  # measure a model before training it: scores to eval.jsonl, weights untouched
+        run_eval(run, 0)
+        return finish(run)
+
+    if run.start == 0:
+        run_eval(run, 0)
+    t_run, step = time.time(), run.start
     try:
-        for step in range(start + 1, cfg.steps + 1):
-            # ---- 1. prompts: this rank's share of the step's global batch
+        for step in range(run.start + 1, cfg.steps + 1):
             t_step = time.time()
-            idx, pos = data_indices(step, cfg, len(train))
-            idx, pos = idx[rank * P:(rank + 1) * P], pos[rank * P:(rank + 1) * P]
-            examples = [train[i] for i in idx]
-            prompts = [tok.encode_chat(task.prompt(ex)) for ex in examples]
-
-            # ---- 2. rollouts: G completions per prompt; each prompt's stream is seeded by its global data
-            # position, so sampling is the same for any number of ranks and across a resume
+            examples, pos = next_prompts(run, step)                      # 1. this rank's P prompts
+            ro, texts = rollout(run, examples, pos)                      # 2. G completions each (no grad)
+            t_sample = time.time() - t_step
+            total, per_fn, accs = score(run, examples, texts)            # 3. rewards and metrics
+            adv, zero_std = advantages(run, total)                       # 4. group-relative advantages
             t0 = time.time()
-            gens = [torch.Generator(device).manual_seed(cfg.seed * 2 ** 32 + int(q)) for q in pos]
-            model.eval()
-            with amp():
-                ro = generate(model, prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                              cfg.top_k, tok.stop_ids, gens, tok.vocab_size, tok.pad_id, cfg.compile)
-            t_sample = time.time() - t0
-
-            # ---- 3. rewards, per function and weighted total
-            texts = completion_texts(tok, ro)
-            rows = [examples[i // cfg.group_size] for i in range(len(texts))]
-            per_fn = {f.__name__: [f(t, **ex) for t, ex in zip(texts, rows)] for _, f in task.rewards}
-            total = torch.tensor([sum(w * per_fn[f.__name__][i] for w, f in task.rewards) for i in range(len(texts))])
-            accs = {k: [f(t, **ex) for t, ex in zip(texts, rows)] for k, f in task.metrics.items()}
-
-            # ---- 4. group advantages (a group never spans ranks; scale=batch uses this rank's batch)
-            adv, zero_std = group_advantages(total, cfg.group_size, cfg.adv_scale, cfg.adv_unbiased_std, cfg.adv_eps)
-            adv = adv.to(device)
-
-            # ---- 5. reference log-probs (beta > 0 only), and old log-probs when mu > 1
-            t0 = time.time()
-            B, mask = cfg.micro_batch, ro.completion_mask
-            mbs = [slice(s, s + B) for s in range(0, mask.shape[0], B)]
-
-            def logprobs(m, sl):
-                return token_logprobs(m, ro.prompt_ids[sl], ro.prompt_mask[sl], ro.completion_ids[sl], mask[sl],
-                                      cfg.temperature, cfg.logprob_chunk)
-
-            with torch.no_grad(), amp():
-                ref_lp = torch.cat([logprobs(ref, sl) for sl in mbs]) if ref is not None else None
-                old_lp = torch.cat([logprobs(model, sl) for sl in mbs]) if cfg.mu > 1 else None
-
-            # ---- 6. update: mu passes, each accumulating over micro-batches with the step's global normaliser
-            norm = loss_normalizer(cfg.loss_type, mask, cfg.max_new_tokens)
-            if world > 1:
-                norm = all_sum({"n": norm}, world)["n"]
-            model.train()
-            sums = {"loss": 0.0, "kl": 0.0, "ratio": 0.0, "clip_low": 0.0, "clip_high": 0.0, "tokens": 0.0}
-            for _ in range(cfg.mu):
-                lr = lr_at(step, cfg)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                for sl in mbs:
-                    with amp():
-                        lp = logprobs(model, sl)
-                    old = lp.detach() if old_lp is None else old_lp[sl]
-                    loss, st = grpo_loss(lp, old, adv[sl], mask[sl], norm, cfg.loss_type,
-                                         None if ref_lp is None else ref_lp[sl], cfg.beta, cfg.eps_low, cfg.eps_high)
-                    if not torch.isfinite(loss):
-                        die(f"non-finite loss {loss.item()} at step {step}: {st}; advantages "
-                            f"[{adv.min().item():.3g}, {adv.max().item():.3g}]. Last checkpoint kept in {cfg.out}")
-                    loss.backward()
-                    sums["loss"] += loss.item()
-                    for k in ("kl", "ratio", "clip_low", "clip_high"):
-                        sums[k] += st[k] * st["tokens"]
-                    sums["tokens"] += st["tokens"]
-                # ---- 7. optimizer step: gradients summed over ranks (each rank's loss is already divided by the
-                # global normaliser, so the sum is exactly the single-process gradient)
-                if world > 1:
-                    for p in model.parameters():
-                        dist.all_reduce(p.grad)
-                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-                if not torch.isfinite(gn):
-                    die(f"non-finite grad norm at step {step}. Last checkpoint kept in {cfg.out}")
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            t_train = time.time() - t0
-
-            # ---- 8. log: global sums over ranks, then means
-            n_tok = float(mask.sum())
-            g = all_sum({
-                "rows": len(texts), "reward": total.sum().item(), "reward_sq": (total ** 2).sum().item(),
-                **{f"reward/{k}": sum(v) for k, v in per_fn.items()}, **{k: sum(v) for k, v in accs.items()},
-                "zero_std": zero_std * P, "groups": P, "len": float(ro.lengths.sum()),
-                "truncated": float((~ro.stopped).sum()), "completion_tokens": n_tok, "sample_s": t_sample,
-                "train_s": t_train, "step_s": time.time() - t_step, **sums}, world)
-            len_max = torch.tensor(float(ro.lengths.max()))
-            if world > 1:
-                len_max = len_max.to(dist_device())
-                dist.all_reduce(len_max, op=dist.ReduceOp.MAX)
-            n, ntok = g["rows"], max(g["tokens"], 1)
-            mean = g["reward"] / n
-            metrics = {
-                "step": step, "reward_mean": mean, "reward_std": math.sqrt(max(g["reward_sq"] / n - mean ** 2, 0.0)),
-                **{k: g[k] / n for k in g if k.startswith("reward/")}, **{k: g[k] / n for k in accs},
-                "zero_std_frac": g["zero_std"] / g["groups"], "len_mean": g["len"] / n, "len_max": len_max.item(),
-                "truncated_frac": g["truncated"] / n, "kl": g["kl"] / ntok, "ratio": g["ratio"] / ntok,
-                "clip_low": g["clip_low"] / ntok, "clip_high": g["clip_high"] / ntok, "loss": g["loss"] / cfg.mu,
-                "grad_norm": gn.item(), "lr": lr, "sample_s": g["sample_s"] / world, "train_s": g["train_s"] / world,
-                "step_s": g["step_s"] / world, "completion_tokens": g["completion_tokens"],
-                "tokens_per_s": g["completion_tokens"] / max(g["step_s"] / world, 1e-9),  # whole step, all ranks
-            }
-            if rank == 0:
-                with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-            eta = (time.time() - t_run) / (step - start) * (cfg.steps - step)
-            log(f"step {step}/{cfg.steps} | reward {mean:.3f} | acc {' / '.join(f'{metrics[k]:.2f}' for k in accs)} | "
-                f"kl {metrics['kl']:.4f} | len {metrics['len_mean']:.0f} | {metrics['tokens_per_s']:.0f} tok/s | "
-                f"ETA {eta / 60:.1f} min", flush=True)
-            if cfg.print_every and step % cfg.print_every == 0:
-                log(f"--- sample (step {step}, rewards {({k: round(v[0], 3) for k, v in per_fn.items()})}):\n"
-                    f"{texts[0]}\n---")
-
-            # ---- 9. eval / checkpoint
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-                run_eval(step)
+            ref_lp, old_lp = reference(run, ro)                          # 5. reference (and pi_old) log-probs
+            sums, gn, lr = update(run, step, ro, adv, ref_lp, old_lp)    # 6-7. loss, backward, optimizer step(s)
+            times = {"sample_s": t_sample, "train_s": time.time() - t0, "step_s": time.time() - t_step}
+            metrics = log_step(run, step, ro, texts, total, per_fn, accs, zero_std, sums, gn, lr, times)  # 8. log
+            print_step(run, step, metrics, t_run, texts, per_fn)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:  # 9. eval, checkpoint
+                run_eval(run, step)
             if step % cfg.save_every == 0 or step == cfg.steps:
-                save(step)
+                save(run, step)
     except torch.OutOfMemoryError:
         die(f"out of memory at step {step}: lower --micro-batch (now {cfg.micro_batch}), --max-new-tokens, "
             "--group-size or --prompts-per-step, or pass --grad-ckpt. Last checkpoint kept in " + cfg.out)
 
-    if step > start or start == 0:
-        run_eval(cfg.steps)
-    if rank == 0:
+    if step > run.start or run.start == 0:
+        run_eval(run, cfg.steps)
+    if run.rank == 0:
         plot(cfg.out)
-    if world > 1:
+    return finish(run)
+
+
+def finish(run):
+    if run.world > 1:
         dist.destroy_process_group()
 
 

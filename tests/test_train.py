@@ -139,24 +139,6 @@ def test_corrupt_data_line_named(tiny_ckpt, data_dir, tmp_path):
         train.main(["--steps", "1", *args(tiny_ckpt, str(bad), tmp_path / "r")])
 
 
-def test_offline_without_data_says_how_to_pass_data_dir(tiny_ckpt, tmp_path, monkeypatch):
-    def offline(*a, **k):
-        raise OSError("network is unreachable")
-    monkeypatch.setattr(train.urllib.request, "urlopen", offline)
-    a = args(tiny_ckpt, "", tmp_path / "r", "--cache-dir", str(tmp_path / "cache"))
-    with pytest.raises(SystemExit, match="could not download GSM8K train.*pass --data-dir DIR"):
-        train.main(["--steps", "1", *a])
-
-
-def test_download_is_checksummed(tmp_path, monkeypatch):
-    import io
-    monkeypatch.setattr(train.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(b"tampered\n"))
-    cfg = train.TrainConfig(cache_dir=str(tmp_path))
-    with pytest.raises(SystemExit, match="wrong sha256"):
-        train.gsm8k_file(cfg, "test")
-    assert not os.path.exists(tmp_path / "gsm8k" / "test.jsonl")
-
-
 def test_bad_flags_and_unknown_task(tiny_ckpt, data_dir, tmp_path):
     with pytest.raises(SystemExit, match="unknown task 'chess'; known: gsm8k"):
         train.main(["--task", "chess", *args(tiny_ckpt, data_dir, tmp_path / "r")])
@@ -180,3 +162,57 @@ def test_lr_schedule_warms_up_then_decays_to_floor():
     lrs = [train.lr_at(s, cfg) for s in range(1, 21)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and abs(lrs[-1] - 0.1) < 1e-12
+
+
+def test_eval_only_writes_eval_and_changes_no_weights(tiny_ckpt, data_dir, tmp_path):
+    before = {k: v.clone() for k, v in Transformer.from_pretrained(tiny_ckpt).state_dict().items()}
+    files = sorted(os.listdir(tiny_ckpt))
+    out = tmp_path / "ev"
+    r = subprocess.run([sys.executable, "train.py", "--eval-only", *args(tiny_ckpt, data_dir, out), "--eval-n", "5"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    evals = [json.loads(l) for l in open(out / "eval.jsonl")]
+    assert len(evals) == 1 and evals[0]["step"] == 0 and evals[0]["n"] == 5
+    assert {"acc_strict", "acc_lenient"} <= set(evals[0])
+    rows = [json.loads(l) for l in open(out / "eval" / "step-0.jsonl")]
+    assert [row["index"] for row in rows] == list(range(5)) and all("completion" in row for row in rows)
+    assert "eval 4/5" in r.stdout and "eval 5/5" in r.stdout and "ETA" in r.stdout  # progress, batch by batch
+    assert not os.path.exists(out / "metrics.jsonl") and not any(p.startswith("step-") for p in os.listdir(out))
+    assert sorted(os.listdir(tiny_ckpt)) == files
+    after = Transformer.from_pretrained(tiny_ckpt).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_eval_only_with_resume_is_a_clear_error(tiny_ckpt, data_dir, tmp_path):
+    with pytest.raises(SystemExit, match="--eval-only evaluates --model"):
+        train.main(["--eval-only", "--resume", str(tmp_path), *args(tiny_ckpt, data_dir, tmp_path / "r")])
+
+
+def test_arith_task_trains_end_to_end_with_options(tiny_ckpt, tmp_path):
+    out = tmp_path / "arith"
+    train.main(["--task", "arith", "--task-opts", "digits=1,ops=+-,terms=3", "--steps", "2",
+                *args(tiny_ckpt, "", out)])
+    rows = metrics(out)
+    assert [m["step"] for m in rows] == [1, 2] and {"reward/correct", "reward/format_strict", "acc_strict"} <= set(rows[0])
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["task"] == "arith" and cfg["task_opts"] == "digits=1,ops=+-,terms=3"
+    first = json.loads(open(out / "eval" / "step-0.jsonl").readline())
+    assert first["index"] == 0
+
+
+def test_bad_task_options_fail_before_loading(tiny_ckpt, tmp_path):
+    with pytest.raises(SystemExit, match="bad task option 'depth=3' for arith"):
+        train.main(["--task", "arith", "--task-opts", "depth=3", *args(str(tmp_path / "no-model"), "", tmp_path / "r")])
+    with pytest.raises(SystemExit, match="arith: digits must be 1..9, got 0"):
+        train.main(["--task", "arith", "--task-opts", "digits=0", *args(str(tmp_path / "no-model"), "", tmp_path / "r")])
+
+
+def test_offline_gsm8k_without_data_says_how_to_pass_data_dir(tiny_ckpt, tmp_path, monkeypatch):
+    import tasks
+
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(tasks.urllib.request, "urlopen", offline)
+    a = args(tiny_ckpt, "", tmp_path / "r", "--cache-dir", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit, match="could not download GSM8K train.*pass --data-dir DIR"):
+        train.main(["--steps", "1", *a])

@@ -1,0 +1,279 @@
+"""Tasks: what GRPO trains on and how it is scored. A task is data, a prompt, rewards and metrics; nothing else.
+
+A Task bundles
+- load(data_dir, cache_dir, **options) -> (train, test): lists of example dicts (fields such as question, gold);
+- prompt(example) -> chat messages [{"role", "content"}];
+- rewards: [(weight, fn)], summed into the training reward; fn(completion, prompt=..., **example) -> float;
+- metrics: {name: fn}, 0/1 per completion, reported as accuracy in training and evaluation;
+- options: {knob: default}, set with train.py --task-opts "k=v,k=v" and passed to load.
+Adding a task = one Task(...) in TASKS (here or in a file of its own that registers itself); train.py never changes.
+Every reward also receives `prompt`, the text of all prompt messages, so a reward can refuse a copy of the prompt.
+Bad data or options raise TaskError (a ValueError) with one line naming the problem; train.py turns it into an exit.
+
+Tasks here:
+- gsm8k: grade-school word problems (Cobbe et al. 2021), downloaded once and checked against sha256.
+- arith: generated integer arithmetic ("What is 37 + 48?"), no download. Train and test are disjoint by
+  construction: each problem's text is hashed, and the hash alone says on which side it lives.
+Both use one answer protocol: reasoning inside <reasoning></reasoning>, then the number inside <answer></answer>.
+"""
+import functools
+import hashlib
+import json
+import os
+import random
+import shutil
+import urllib.request
+from dataclasses import dataclass, field
+
+import rewards as R
+
+
+class TaskError(ValueError):
+    """Bad task data or options; the message is one line that names the problem."""
+
+
+@dataclass
+class Task:
+    load: object
+    prompt: object
+    rewards: list
+    metrics: dict
+    options: dict = field(default_factory=dict)
+
+
+def prompt_text(messages):
+    """The text every reward sees as `prompt`: all message contents, one per line."""
+    return "\n".join(m["content"] for m in messages)
+
+
+def parse_options(task_name, text):
+    """'digits=2,ops=+-' -> {'digits': 2, 'ops': '+-'} over the task's defaults, typed like them."""
+    defaults = TASKS[task_name].options
+    opts = dict(defaults)
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        k, eq, v = item.partition("=")
+        k = k.strip()
+        if not eq or k not in defaults:
+            known = ", ".join(f"{a}={b}" for a, b in defaults.items()) or "none"
+            raise TaskError(f"bad task option {item!r} for {task_name}; options (with defaults): {known}")
+        try:
+            opts[k] = type(defaults[k])(v.strip())
+        except ValueError:
+            raise TaskError(f"task option {k}={v.strip()!r} is not a valid {type(defaults[k]).__name__}") from None
+    return opts
+
+
+# ----------------------------------------------------------------------------- the shared answer protocol
+
+# No literal template with placeholders: SmolLM2 copied "<reasoning>\n...\n</reasoning>..." verbatim and the
+# format rewards paid for it (README "Results"). The tags are named in prose instead, and the format rewards
+# pay only for real reasoning and a number (rewards.well_formed).
+PROTOCOL = ("First think step by step inside <reasoning> </reasoning> tags, then give only the final number "
+            "inside <answer> </answer> tags.")
+
+
+def answer(reasoning, value):
+    """A completion in the protocol's exact layout (worked examples use it)."""
+    return f"<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{value}\n</answer>"
+
+
+# ----------------------------------------------------------------------------- GSM8K
+
+GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{}.jsonl"
+GSM8K_SHA256 = {"train": "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",
+                "test": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14"}
+GSM8K_SYSTEM = "You are a careful math tutor. Solve the problem. " + PROTOCOL
+# repeated after the question: small models (SmolLM2-135M) ignore a system-only format instruction
+GSM8K_USER = "{question}\n\n" + PROTOCOL
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def gsm8k_file(data_dir, cache_dir, split):
+    """data_dir/SPLIT.jsonl, or the original openai/grade-school-math file, downloaded once and checksummed."""
+    if data_dir:
+        path = os.path.join(os.path.expanduser(data_dir), f"{split}.jsonl")
+        if not os.path.isfile(path):
+            raise TaskError(f"{path} not found: --data-dir must hold train.jsonl and test.jsonl in the GSM8K jsonl format")
+        return path
+    path = os.path.join(os.path.expanduser(cache_dir), "gsm8k", f"{split}.jsonl")
+    if os.path.isfile(path) and sha256(path) == GSM8K_SHA256[split]:
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        with urllib.request.urlopen(GSM8K_URL.format(split), timeout=30) as r, open(path + ".tmp", "wb") as f:
+            shutil.copyfileobj(r, f)
+    except OSError as e:
+        raise TaskError(f"could not download GSM8K {split} ({e}); offline, pass --data-dir DIR with train.jsonl and "
+                        "test.jsonl (from github.com/openai/grade-school-math, grade_school_math/data)") from None
+    if sha256(path + ".tmp") != GSM8K_SHA256[split]:
+        raise TaskError(f"downloaded GSM8K {split} has the wrong sha256; not using it (left at {path}.tmp)")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def read_gsm8k(path):
+    """[{question, gold}] from GSM8K jsonl: one {"question": ..., "answer": "... #### 42"} per line."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+                out.append({"question": ex["question"], "gold": R.extract_gold(ex["answer"])})
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise TaskError(f"{path}:{i}: bad GSM8K line ({type(e).__name__}: {e})") from None
+    if not out:
+        raise TaskError(f"{path}: no examples")
+    return out
+
+
+def gsm8k_load(data_dir, cache_dir):
+    return read_gsm8k(gsm8k_file(data_dir, cache_dir, "train")), read_gsm8k(gsm8k_file(data_dir, cache_dir, "test"))
+
+
+# One worked example as an earlier chat turn, written here (not from the data set). It shows the layout with real
+# content; copying it earns nothing, as its answer is wrong for any other question and rewards.well_formed
+# refuses reasoning copied from the prompt.
+GSM8K_SHOT = ("A baker makes 24 muffins in the morning and 18 in the afternoon. He sells 30. How many are left?",
+              answer("He makes 24 + 18 = 42 muffins.\nAfter selling 30, 42 - 30 = 12 are left.", 12))
+
+
+def gsm8k_prompt(ex):
+    return [{"role": "system", "content": GSM8K_SYSTEM},
+            {"role": "user", "content": GSM8K_USER.format(question=GSM8K_SHOT[0])},
+            {"role": "assistant", "content": GSM8K_SHOT[1]},
+            {"role": "user", "content": GSM8K_USER.format(question=ex["question"])}]
+
+
+# ----------------------------------------------------------------------------- arith: generated arithmetic
+
+ARITH_OPS = "+-*"
+ARITH_SYSTEM = "You are a careful calculator. " + PROTOCOL
+
+
+def arith_eval(nums, ops):
+    """Value of nums[0] ops[0] nums[1] ... with * before + and -, as Python evaluates it."""
+    terms, signs = [nums[0]], [1]
+    for op, n in zip(ops, nums[1:]):
+        if op == "*":
+            terms[-1] *= n
+        else:
+            terms.append(n)
+            signs.append(1 if op == "+" else -1)
+    return sum(s * t for s, t in zip(signs, terms))
+
+
+def arith_text(nums, ops):
+    return " ".join([str(nums[0])] + [f"{o} {n}" for o, n in zip(ops, nums[1:])])
+
+
+def explain(a, op, b):
+    """One worked line for a op b by place value: '37 + 48 = 30 + 40 + 7 + 8 = 70 + 15 = 85'."""
+    if op == "*":
+        parts = [int(d) * 10 ** i for i, d in enumerate(reversed(str(b))) if d != "0"][::-1] or [0]
+        if len(parts) == 1:
+            return f"{a} * {b} = {a * b}"
+        return (f"{a} * {b} = " + " + ".join(f"{a} * {p}" for p in parts) + " = "
+                + " + ".join(str(a * p) for p in parts) + f" = {a * b}")
+    r = a + b if op == "+" else a - b
+    hi, lo = b - b % 10, b % 10
+    if abs(a) < 10 or hi == 0 or lo == 0:
+        return f"{a} {op} {b} = {r}"
+    mid = a + hi if op == "+" else a - hi
+    return f"{a} {op} {b} = {a} {op} {hi} {op} {lo} = {mid} {op} {lo} = {r}"
+
+
+def arith_reasoning(nums, ops):
+    """Worked steps: products first, then sums and differences left to right, one line each."""
+    nums, ops, lines = list(nums), list(ops), []
+    while "*" in ops:
+        i = ops.index("*")
+        lines.append(explain(nums[i], "*", nums[i + 1]))
+        nums[i:i + 2], ops[i:i + 1] = [nums[i] * nums[i + 1]], []
+    acc = nums[0]
+    for op, n in zip(ops, nums[1:]):
+        lines.append(explain(acc, op, n))
+        acc = acc + n if op == "+" else acc - n
+    return "\n".join(lines)
+
+
+def arith_split(text, test_percent):
+    """'test' or 'train' from the problem's text alone (sha256), so the two sides never share a problem."""
+    return "test" if int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) % 100 < test_percent else "train"
+
+
+def arith_problems(side, n, digits, ops, terms, seed, test_percent=20):
+    """Up to n distinct problems of one side, drawn by a seeded generator: [{question, gold, expr}]."""
+    lo, hi = (0 if digits == 1 else 10 ** (digits - 1)), 10 ** digits - 1
+    rng, seen, out = random.Random(f"arith-{side}-{seed}"), set(), []
+    space = (hi - lo + 1) ** terms * len(ops) ** (terms - 1)
+    tries = 0
+    while len(out) < n and tries < 50 * n + 1000 and len(seen) < space:
+        tries += 1
+        nums = [rng.randint(lo, hi) for _ in range(terms)]
+        o = [rng.choice(ops) for _ in range(terms - 1)]
+        text = arith_text(nums, o)
+        if text in seen:
+            continue
+        seen.add(text)
+        if arith_split(text, test_percent) == side:
+            out.append({"question": f"What is {text}?", "gold": str(arith_eval(nums, o)), "expr": text,
+                        "digits": digits, "ops": ops, "terms": terms})
+    return out
+
+
+def arith_load(data_dir, cache_dir, digits, ops, terms, train_size, test_size, seed):
+    """Disjoint train/test lists of generated problems (data_dir and cache_dir are unused: nothing to read)."""
+    if not 1 <= digits <= 9:
+        raise TaskError(f"arith: digits must be 1..9, got {digits}")
+    if not ops or set(ops) - set(ARITH_OPS):
+        raise TaskError(f"arith: ops must be a non-empty subset of {ARITH_OPS!r}, got {ops!r}")
+    if not 2 <= terms <= 6:
+        raise TaskError(f"arith: terms must be 2..6, got {terms}")
+    if train_size < 1 or test_size < 1:
+        raise TaskError(f"arith: train_size and test_size must be >= 1, got {train_size} and {test_size}")
+    ops = "".join(dict.fromkeys(ops))
+    train = arith_problems("train", train_size, digits, ops, terms, seed)
+    test = arith_problems("test", test_size, digits, ops, terms, seed)
+    if not train or not test:
+        raise TaskError(f"arith: digits={digits}, ops={ops}, terms={terms} has too few distinct problems")
+    return train, test
+
+
+@functools.lru_cache(maxsize=None)
+def arith_shots(digits, ops, terms):
+    """Two worked examples as earlier chat turns, fixed per setting, drawn from the train side.
+
+    How the protocol is shown decides the cold start (64 samples of SmolLM2-135M, 2-digit addition, T=0.7):
+    instruction only, 0% answer blocks; one example in the system message, 28%; two examples as chat turns, 100%.
+    With no answer block in a group every reward is 0 and GRPO has no gradient, so the examples are turns.
+    """
+    msgs = []
+    for p in arith_problems("train", 2, max(digits, 2), ops, terms, seed="shots"):  # >= 2 digits: show a carry
+        nums, o = [int(t) for t in p["expr"].split()[::2]], p["expr"].split()[1::2]
+        msgs += [{"role": "user", "content": p["question"]},
+                 {"role": "assistant", "content": answer(arith_reasoning(nums, o), p["gold"])}]
+    return tuple(msgs)
+
+
+def arith_prompt(ex):
+    shots = arith_shots(ex["digits"], ex["ops"], ex["terms"])
+    return [{"role": "system", "content": ARITH_SYSTEM}, *shots, {"role": "user", "content": ex["question"]}]
+
+
+# Correctness is the reward; format_strict is a 0.1 nudge towards the exact layout, paid only for real reasoning
+# and a parseable number (rewards.well_formed), so a format-only completion earns 0.1 of a correct one's 1.1.
+ARITH_REWARDS = [(1.0, R.correct), (0.1, R.format_strict)]
+
+METRICS = {"acc_strict": R.correct, "acc_lenient": R.correct_lenient}
+
+TASKS = {
+    "gsm8k": Task(gsm8k_load, gsm8k_prompt, R.GSM8K_REWARDS, METRICS),
+    "arith": Task(arith_load, arith_prompt, ARITH_REWARDS, METRICS,
+                  options=dict(digits=2, ops="+", terms=2, train_size=20000, test_size=1000, seed=0)),
+}

@@ -1,0 +1,157 @@
+"""tasks.py: the arith generator (deterministic, disjoint, right answers), prompts, options, GSM8K loading, and
+the reward hacks each task's reward list must not pay for."""
+import io
+import os
+import re
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import rewards as R
+import tasks as T
+
+
+def arith(**kw):
+    return T.arith_load("", "", **{**T.TASKS["arith"].options, **kw})
+
+
+# ----------------------------------------------------------------------------- arith generator
+
+def test_arith_is_deterministic_per_seed_and_differs_across_seeds():
+    a, b = arith(train_size=300, test_size=50), arith(train_size=300, test_size=50)
+    assert a == b
+    c = arith(train_size=300, test_size=50, seed=1)
+    assert c[0] != a[0] and c[1] != a[1]
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(digits=1), dict(digits=3, ops="+-*", terms=3), dict(ops="*", terms=2),
+                                dict(digits=1, ops="-", terms=4, seed=7)])
+def test_arith_train_and_test_are_disjoint_and_distinct(kw):
+    train, test = arith(train_size=3000, test_size=500, **kw)
+    qs_train, qs_test = [e["question"] for e in train], [e["question"] for e in test]
+    assert len(set(qs_train)) == len(qs_train) and len(set(qs_test)) == len(qs_test)
+    assert not set(qs_train) & set(qs_test)
+    # disjoint by construction, whatever the seed: the hash of the text alone says which side a problem is on
+    other_train, _ = arith(train_size=3000, test_size=1, **{**kw, "seed": kw.get("seed", 0) + 100})
+    assert not {e["question"] for e in other_train} & set(qs_test)
+
+
+def test_arith_small_space_is_exhausted_not_looped():
+    train, test = arith(digits=1, ops="+", terms=2, train_size=10_000, test_size=10_000)
+    assert len(train) + len(test) == 100  # 0..9 x 0..9, every problem exactly once
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(digits=3, ops="+-*", terms=4), dict(ops="-*", terms=3, digits=1)])
+def test_every_gold_answer_is_pythons_arithmetic(kw):
+    train, test = arith(train_size=500, test_size=200, **kw)
+    for e in train + test:
+        expr = re.fullmatch(r"What is (.*)\?", e["question"]).group(1)
+        assert re.fullmatch(r"-?\d+( [-+*] -?\d+)*", expr)
+        assert int(e["gold"]) == eval(expr), e  # noqa: S307 (digits and + - * only, checked above)
+        assert R.correct(T.answer("we add the numbers up", e["gold"]), **e) == 1.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 999), min_size=2, max_size=5), st.data())
+def test_worked_reasoning_is_right_line_by_line(nums, data):
+    ops = data.draw(st.lists(st.sampled_from("+-*"), min_size=len(nums) - 1, max_size=len(nums) - 1))
+    text = T.arith_reasoning(nums, ops)
+    for line in text.split("\n"):  # every "=" in a line joins two expressions of the same value
+        parts = line.split(" = ")
+        assert len({eval(p) for p in parts}) == 1, line  # noqa: S307
+    assert eval(text.split("\n")[-1].split(" = ")[-1]) == T.arith_eval(nums, ops) == eval(T.arith_text(nums, ops))  # noqa: S307
+
+
+def test_arith_prompt_shows_two_worked_turns_from_the_train_side():
+    train, test = arith(train_size=2000, test_size=200)
+    msgs = T.arith_prompt(test[0])
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert msgs[-1]["content"] == test[0]["question"]
+    for q, a in zip(msgs[1:5:2], msgs[2:5:2]):
+        gold = str(eval(q["content"][len("What is "):-1]))  # noqa: S307
+        assert R.correct(a["content"], gold=gold) == 1.0 and R.format_strict(a["content"]) == 1.0
+        assert T.arith_split(q["content"][len("What is "):-1], 20) == "train"
+    assert "..." not in msgs[0]["content"]  # no placeholder template to copy
+    # the same examples for every problem of a setting, so the prompt prefix is the same
+    assert T.arith_prompt(test[1])[:5] == msgs[:5]
+
+
+def test_arith_rewards_pay_correctness_first():
+    _, test = arith(train_size=10, test_size=5)
+    ex = test[0]
+    p = T.prompt_text(T.arith_prompt(ex))
+    good = T.answer(f"I add them: {ex['expr']} = {ex['gold']}", ex["gold"])
+    wrong = T.answer(f"I add them: {ex['expr']} = {int(ex['gold']) + 1}", int(ex["gold"]) + 1)
+    total = lambda c: R.combine(T.ARITH_REWARDS, c, prompt=p, **ex)[0]  # noqa: E731
+    assert total(good) == pytest.approx(1.1)
+    assert 0 < total(wrong) <= 0.1 * total(good)  # format-only: a small fraction of a correct answer
+    shot = T.arith_prompt(ex)[2]["content"]  # a verbatim copy of a worked example: its reasoning is in the prompt
+    for hack in ("<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>", shot, f"<answer>\n{ex['gold']}1\n</answer>",
+                 "<reasoning>\nx\n</reasoning>\n<answer>\n0\n</answer>"):
+        assert total(hack) == 0.0, hack
+
+
+def test_gsm8k_reward_list_refuses_the_three_known_hacks():
+    ex = {"question": "Tom has 3 apples and buys 4 more. How many apples?", "gold": "7"}
+    msgs = T.gsm8k_prompt(ex)
+    p = T.prompt_text(msgs)
+    total = lambda c: R.combine(R.GSM8K_REWARDS, c, prompt=p, **ex)[0]  # noqa: E731
+    right = total(T.answer("He has 3 apples and buys 4, so 3 + 4 = 7.", 7))
+    for hack in ("<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>",  # the template with "..."
+                 "<reasoning>\nx\n</reasoning>\n<answer>\n0\n</answer>", "<answer>\n0\n</answer>",  # x, bare block
+                 msgs[2]["content"],  # the worked example copied verbatim
+                 T.answer(T.PROTOCOL, 5)):  # the instruction copied as reasoning
+        assert total(hack) <= R.FORMAT_SHARE_MAX * right and total(hack) == 0.0, hack
+    assert "..." not in "".join(m["content"] for m in msgs)
+
+
+# ----------------------------------------------------------------------------- options and errors
+
+def test_parse_options_types_and_errors():
+    assert T.parse_options("arith", "digits=3, ops=+-*,terms=3") == {**T.TASKS["arith"].options, "digits": 3,
+                                                                     "ops": "+-*", "terms": 3}
+    assert T.parse_options("gsm8k", "") == {}
+    with pytest.raises(T.TaskError, match="bad task option 'depth=2' for arith; options"):
+        T.parse_options("arith", "depth=2")
+    with pytest.raises(T.TaskError, match="bad task option 'digits' for arith"):
+        T.parse_options("arith", "digits")
+    with pytest.raises(T.TaskError, match=r"digits='two' is not a valid int"):
+        T.parse_options("arith", "digits=two")
+    with pytest.raises(T.TaskError, match="options \\(with defaults\\): none"):
+        T.parse_options("gsm8k", "digits=2")
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(digits=0), "digits must be 1..9"), (dict(ops="/"), "ops must be"),
+                                     (dict(ops=""), "ops must be"), (dict(terms=1), "terms must be 2..6"),
+                                     (dict(test_size=0), "must be >= 1")])
+def test_arith_bad_options(kw, msg):
+    with pytest.raises(T.TaskError, match=msg):
+        arith(**kw)
+
+
+# ----------------------------------------------------------------------------- GSM8K files
+
+def test_gsm8k_offline_says_how_to_pass_data_dir(tmp_path, monkeypatch):
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(T.urllib.request, "urlopen", offline)
+    with pytest.raises(T.TaskError, match="could not download GSM8K train.*pass --data-dir DIR"):
+        T.gsm8k_load("", str(tmp_path))
+
+
+def test_gsm8k_download_is_checksummed(tmp_path, monkeypatch):
+    monkeypatch.setattr(T.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(b"tampered\n"))
+    with pytest.raises(T.TaskError, match="wrong sha256"):
+        T.gsm8k_file("", str(tmp_path), "test")
+    assert not os.path.exists(tmp_path / "gsm8k" / "test.jsonl")
+
+
+def test_gsm8k_checksummed_file_is_used_without_network(tmp_path, monkeypatch):
+    shared = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k", "test.jsonl")
+    if not os.path.isfile(shared):
+        pytest.skip("no ../shared/data/gsm8k beside the repository")
+    os.makedirs(tmp_path / "gsm8k")
+    with open(shared, "rb") as f, open(tmp_path / "gsm8k" / "test.jsonl", "wb") as g:
+        g.write(f.read())
+    monkeypatch.setattr(T.urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded again"))
+    assert len(T.read_gsm8k(T.gsm8k_file("", str(tmp_path), "test"))) == 1319
