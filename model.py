@@ -3,7 +3,8 @@
 Module and parameter names equal the Hugging Face ones, so a checkpoint loads with
 `load_state_dict(strict=True, assign=True)` onto a meta-device model and saves with no rename table.
 The families differ only by flags read from config.json (see ModelConfig.from_dict).
-Legend: B batch, T query time, S key time, C hidden, H heads, K kv heads, D head dim, F mlp dim, V vocab, L layers.
+Legend: B batch, T query time, S key time, S0 keys passed in as `past`, C hidden, H heads, K kv heads, D head dim,
+F mlp dim, V vocab, L layers.
 """
 import json
 import os
@@ -152,7 +153,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, past=None, return_kv=False):
+        """(B, T, C) -> (B, T, C), or with return_kv ((B, T, C), (k, v) of this call's T tokens)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.H, self.D)  # (B, T, H, D)
         k = self.k_proj(x).view(B, T, self.K, self.D)  # (B, T, K, D)
@@ -161,11 +163,17 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, K, T, D)
+        kv = (k, v)  # this call's keys (already rotated) and values: what a later call takes as `past`
         if cache is not None:
             k, v = cache.write(layer, k, v)  # (B, K, S, D)
+        elif past is not None:
+            # functional, not a cache write: a new tensor, so autograd reaches the past's producer through it
+            k = torch.cat([past[0], k], 2)  # (B, K, S0+T, D)
+            v = torch.cat([past[1], v], 2)  # (B, K, S0+T, D)
         # mask None means plain causal with T == S; otherwise an explicit (B, 1, T, S) bool mask
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.K != self.H)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))  # (B, T, C)
+        y = self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))  # (B, T, C)
+        return (y, kv) if return_kv else y
 
 
 class MLP(nn.Module):
@@ -189,9 +197,13 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, past=None, return_kv=False):
+        """(B, T, C) -> (B, T, C), or with return_kv ((B, T, C), this layer's (k, v)); see Attention.forward."""
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, past, return_kv)
+        a, kv = a if return_kv else (a, None)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return (x, kv) if return_kv else x
 
 
 class Decoder(nn.Module):
@@ -228,35 +240,57 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False  # training flag: recompute each block in backward to save memory
 
-    def forward_hidden(self, input_ids, positions=None, attn_mask=None, cache=None):
+    def forward_hidden(self, input_ids, positions=None, attn_mask=None, cache=None, past=None, return_kv=False):
         """Final-normed hidden states (B, T, C); `forward` applies lm_head. grpo.py chunks lm_head itself.
 
         positions (B, T): per-row RoPE positions; default from attn_mask (left padding) or 0..T-1.
-        attn_mask (B, T) bool: which input tokens are real. cache: a KVCache this call appends to.
+        attn_mask (B, T) bool: which input tokens are real; (B, S0+T) with `past`, covering its S0 keys first.
+        cache: a KVCache this call appends to (sample.py), in place.
+        past: a list of one (k, v) per layer, each (B, K, S0, D) and already RoPE-rotated, of S0 earlier
+        positions this call's queries attend to before their own tokens; a plain input, never written, so
+        autograd flows into whatever produced it (grpo.py shares one prompt forward among its G rows this way).
+        return_kv: return (h, kv), kv a list of this call's (k, v) per layer, each (B, K, T, D): a later `past`.
         """
         B, T = input_ids.shape
+        S0 = 0 if past is None else past[0][0].shape[2]
+        if past is not None:
+            if cache is not None:
+                raise ValueError("pass either a KVCache or past, not both")
+            if attn_mask is None:
+                attn_mask = torch.ones(B, S0 + T, dtype=torch.bool, device=input_ids.device)  # (B, S0+T)
+            if attn_mask.shape != (B, S0 + T):
+                raise ValueError(f"with past, attn_mask must be (B, S0+T) = {(B, S0 + T)}, got {tuple(attn_mask.shape)}")
         if positions is None:
             if attn_mask is None:
                 positions = torch.arange(T, device=input_ids.device).expand(B, T)
             else:
-                positions = (attn_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+                # a row's real tokens are numbered 0, 1, ... from its first one, past included, so a call with
+                # past gets exactly the positions these tokens have in one forward of past + input
+                positions = (attn_mask.long().cumsum(-1) - 1).clamp(min=0)[:, S0:]  # (B, T)
         if cache is not None:
             cache.valid[cache.rows, cache.pos:cache.pos + T] = True if attn_mask is None else attn_mask
             mask = build_mask(cache.valid[cache.rows], cache.pos, T)
         elif attn_mask is not None:
-            mask = build_mask(attn_mask, 0, T)
+            mask = build_mask(attn_mask, S0, T)  # (B, 1, T, S0+T), from the valid flags: never from token ids
         else:
             mask = None
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        kv = []
         for i, block in enumerate(self.model.layers):
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            p = None if past is None else past[i]
+            if cache is None and self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # non-reentrant: past's tensors get their gradients, and the (x, kv) tuple output is fine
+                x = checkpoint(block, x, cos, sin, mask, None, i, p, return_kv, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cache, i)
+                x = block(x, cos, sin, mask, cache, i, p, return_kv)
+            if return_kv:
+                x, layer_kv = x
+                kv.append(layer_kv)
         if cache is not None:
             cache.pos += T
-        return self.model.norm(x)
+        h = self.model.norm(x)
+        return (h, kv) if return_kv else h
 
     def forward(self, input_ids, positions=None, attn_mask=None, cache=None):
         """Logits (B, T, V)."""

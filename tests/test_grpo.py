@@ -12,6 +12,9 @@
   skipping the reference (claim 6), and the argument errors.
 - token_logprobs: equality (values and parameter gradients) with a naive per-row full log_softmax at a
   temperature (claim 8) for any chunk size, and peak memory scaling with the chunk, not with T * V.
+- shared prompts (note 9): rows holding the same prompt, in any order, get the values and parameter gradients
+  of the full forward (three families, gradient checkpointing on and off, bf16 autocast), while each distinct
+  prompt really is forwarded once.
 Everything runs on CPU, on tiny random models (conftest.random_model), with no downloads.
 """
 import math
@@ -656,6 +659,127 @@ def test_token_logprobs_parameter_gradient_equals_naive(tiny64, chunk):
     tiny64.zero_grad(set_to_none=True)
     for (name, _), a, b in zip(tiny64.named_parameters(), got, want):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+
+
+def grouped_rollout(V, prompt_lens, G, comp_lens, T, seed, shuffle=True):
+    """P distinct left-padded prompts, each repeated G times (junk ids in the padding, different per row), rows
+    shuffled; completions with the given per-row lengths. Returns the four tensors plus the row permutation."""
+    g = torch.Generator().manual_seed(seed)
+    P, Tp = len(prompt_lens), max(prompt_lens)
+    N = P * G
+    pmask = (torch.arange(Tp)[None, :] >= Tp - torch.tensor(prompt_lens)[:, None]).repeat_interleave(G, 0)  # (N, Tp)
+    pids = torch.randint(0, V, (P, Tp), generator=g).repeat_interleave(G, 0)  # (N, Tp)
+    pids = torch.where(pmask, pids, torch.randint(0, V, (N, Tp), generator=g))  # junk padding, differs per row
+    cids = torch.randint(0, V, (N, T), generator=g)
+    cmask = torch.arange(T)[None, :] < torch.tensor(comp_lens)[:, None]  # (N, T)
+    perm = torch.randperm(N, generator=g) if shuffle else torch.arange(N)
+    return pids[perm], pmask[perm], cids[perm], cmask[perm], perm
+
+
+def test_distinct_prompts_finds_groups_in_any_order():
+    pids, pmask, _, _, perm = grouped_rollout(50, [4, 2, 4, 1], 3, [1] * 12, 1, seed=3)
+    first, inv = grpo.distinct_prompts(pids, pmask)
+    group = perm // 3  # (N,) which prompt each shuffled row holds
+    assert len(first) == 4 and torch.equal(inv[first], torch.arange(4))
+    assert all(bool(((group == group[i]) == (inv == inv[i])).all()) for i in range(12))
+    # first is the lowest row of each prompt, and equal masks with different real ids stay apart
+    assert all(int(first[inv[i]]) == int((group == group[i]).nonzero()[0]) for i in range(12))
+    same_mask = torch.ones(2, 3, dtype=torch.bool)
+    assert len(grpo.distinct_prompts(torch.tensor([[1, 2, 3], [1, 2, 4]]), same_mask)[0]) == 2
+
+
+def logprobs_and_grads(model, args, share_prompt, temperature=0.8, chunk=5):
+    """token_logprobs, and every parameter's gradient of a random weighting of it (so each token counts)."""
+    model.zero_grad(set_to_none=True)
+    lp = grpo.token_logprobs(model, *args, temperature, chunk, share_prompt=share_prompt)
+    weights = torch.randn(lp.shape, generator=torch.Generator().manual_seed(11))
+    (lp * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return lp.detach(), grads
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_shared_prompt_equals_full_forward_values_and_gradients(family, ckpt):
+    """Left-padded prompts of different lengths, G = 4, shuffled rows, completions of lengths 0..T."""
+    model = random_model(family, tied=family != "llama").train()
+    model.gradient_checkpointing = ckpt
+    T = 6
+    comp_lens = [6, 0, 3, 1, 6, 5, 2, 6, 4, 1, 6, 3]
+    *args, _ = grouped_rollout(model.config.vocab_size, [7, 3, 5], 4, comp_lens, T, seed=5)
+    want, want_g = logprobs_and_grads(model, args, share_prompt=False)
+    got, got_g = logprobs_and_grads(model, args, share_prompt=True)
+    assert got.dtype == torch.float32 and torch.equal(got[~args[3]], torch.zeros(int((~args[3]).sum())))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert want_g.keys() == got_g.keys() == {n for n, _ in model.named_parameters()}
+    for n in want_g:
+        scale = want_g[n].abs().max().clamp(min=1e-3)
+        torch.testing.assert_close(got_g[n] / scale, want_g[n] / scale, atol=1e-5, rtol=0, msg=n)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prompt_lens=st.lists(st.integers(1, 5), min_size=1, max_size=3), G=st.integers(2, 3), data=st.data(),
+       seed=st.integers(0, 2 ** 16))
+def test_shared_prompt_equals_naive(tiny64, prompt_lens, G, data, seed):
+    """In float64, against the row-by-row unpadded reference (no shared code path at all)."""
+    T = data.draw(st.integers(1, 5))
+    N = len(prompt_lens) * G
+    comp_lens = data.draw(st.lists(st.integers(0, T), min_size=N, max_size=N))
+    *args, _ = grouped_rollout(tiny64.config.vocab_size, prompt_lens, G, comp_lens, T, seed)
+    lens = args[3].sum(1).tolist()
+    with torch.no_grad():
+        ref = naive_logprobs(tiny64, args[0], args[1], args[2], lens, 1.3)
+        out = grpo.token_logprobs(tiny64, *args, 1.3, chunk=3)
+    assert torch.allclose(out.double(), ref, atol=2e-5, rtol=1e-5)
+
+
+def count_embedded_tokens(model, fn):
+    """How many tokens go through embed_tokens (every forward starts there) while fn runs."""
+    n = []
+    handle = model.model.embed_tokens.register_forward_hook(lambda mod, inp, out: n.append(inp[0].numel()))
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return sum(n)
+
+
+@pytest.mark.parametrize("T", [1, 6])
+def test_each_distinct_prompt_is_forwarded_once(T):
+    model = random_model("qwen3")
+    P, G, Tp = 3, 4, 7
+    N = P * G
+    args = grouped_rollout(model.config.vocab_size, [7, 3, 5], G, [T] * N, T, seed=2)[:4]
+    with torch.no_grad():
+        full = count_embedded_tokens(model, lambda: grpo.token_logprobs(model, *args, share_prompt=False))
+        shared = count_embedded_tokens(model, lambda: grpo.token_logprobs(model, *args))
+        # all rows distinct (a different prompt per row): the one full forward, as before
+        distinct = grouped_rollout(model.config.vocab_size, [7] * N, 1, [T] * N, T, seed=2)[:4]
+        alone = count_embedded_tokens(model, lambda: grpo.token_logprobs(model, *distinct))
+    assert full == alone == N * (Tp + T)
+    assert shared == P * Tp + N * (T - 1)  # the last completion token predicts nothing, so it is not forwarded
+    torch.testing.assert_close(grpo.token_logprobs(model, *args).detach(),
+                               grpo.token_logprobs(model, *args, share_prompt=False).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prompt_under_bf16_autocast():
+    """The CUDA trainer runs under bf16 autocast: the shared path runs there too (CPU autocast here), with
+    gradients, and stays close to the fp32 values."""
+    model = random_model("qwen2").train()
+    model.gradient_checkpointing = True
+    T = 6
+    *args, _ = grouped_rollout(model.config.vocab_size, [7, 3, 5], 4, [6, 4, 2, 6] * 3, T, seed=9)
+    with torch.no_grad():
+        fp32 = grpo.token_logprobs(model, *args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        shared = grpo.token_logprobs(model, *args)
+        full = grpo.token_logprobs(model, *args, share_prompt=False).detach()
+    shared.sum().backward()
+    assert shared.dtype == torch.float32
+    torch.testing.assert_close(shared.detach(), fp32, atol=0.1, rtol=0.02)
+    torch.testing.assert_close(shared.detach(), full, atol=0.1, rtol=0.02)
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
 
 
 class LargestTensor(TorchDispatchMode):

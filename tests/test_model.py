@@ -1,4 +1,5 @@
-"""model.py: parity with transformers, sharded checkpoints, save round trip, KV cache, and every documented error."""
+"""model.py: parity with transformers, sharded checkpoints, save round trip, KV cache, `past` keys/values, and
+every documented error."""
 import json
 import os
 
@@ -120,6 +121,73 @@ def test_gradient_checkpointing_is_off_by_default_and_gives_same_gradients():
         grads.append([p.grad.clone() for p in m.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_past_then_rest_equals_full_forward_values_and_gradients(family, ckpt):
+    """forward_hidden(first S0 columns, return_kv) then forward_hidden(rest, past=kv, attn_mask of all columns)
+    equals one forward of everything at every real position, and so do the parameter gradients through both
+    calls (the past's gradient reaches the first call): left padding where some rows are still all padding at
+    the split, with and without gradient checkpointing."""
+    m = random_model(family).train()
+    m.gradient_checkpointing = ckpt
+    ids, mask = left_padded_batch(m.config.vocab_size, lens=(10, 6, 3))
+    S0 = 5  # row 2's first real token is at column 7: its first call is all padding
+    w = torch.randn(*ids.shape, m.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    runs = []
+    for split in (False, True):
+        m.zero_grad(set_to_none=True)
+        if split:
+            h0, kv = m.forward_hidden(ids[:, :S0], attn_mask=mask[:, :S0], return_kv=True)
+            h1 = m.forward_hidden(ids[:, S0:], attn_mask=mask, past=kv)
+            h = torch.cat([h0, h1], 1)
+        else:
+            h = m.forward_hidden(ids, attn_mask=mask)
+        (h * w)[mask].sum().backward()  # padding positions' outputs are junk by design: left out
+        runs.append((h.detach()[mask], {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (want, want_g), (got, got_g) = runs
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for n in want_g:
+        scale = want_g[n].abs().max().clamp(min=1e-3)
+        torch.testing.assert_close(got_g[n] / scale, want_g[n] / scale, atol=1e-5, rtol=0, msg=n)
+
+
+def test_return_kv_is_this_calls_rotated_keys_and_values():
+    """One (k, v) per layer, (B, K, T, D), only this call's T tokens even with a past, and equal to what the
+    KV cache stores for the same tokens (so: RoPE-rotated keys)."""
+    m = random_model("qwen3").eval()
+    cfg = m.config
+    ids, mask = left_padded_batch(cfg.vocab_size, lens=(7, 4))
+    B, T = ids.shape
+    with torch.no_grad():
+        h, kv = m.forward_hidden(ids[:, :4], attn_mask=mask[:, :4], return_kv=True)
+        h2, kv2 = m.forward_hidden(ids[:, 4:], attn_mask=mask, past=kv, return_kv=True)
+        cache = KVCache(cfg, B, T)
+        m.forward_hidden(ids, attn_mask=mask, cache=cache)
+    assert h.shape == (B, 4, cfg.hidden_size) and h2.shape == (B, T - 4, cfg.hidden_size)
+    assert len(kv) == len(kv2) == cfg.num_hidden_layers
+    for i, ((k, v), (k2, v2)) in enumerate(zip(kv, kv2)):
+        assert k.shape == v.shape == (B, cfg.num_key_value_heads, 4, cfg.head_dim)
+        assert k2.shape == (B, cfg.num_key_value_heads, T - 4, cfg.head_dim)
+        full_k, full_v = torch.cat([k, k2], 2), torch.cat([v, v2], 2)
+        sel = mask[:, None, :, None].expand_as(full_k)  # real tokens only: padding keys are junk everywhere
+        torch.testing.assert_close(full_k[sel], cache.k[i][sel], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(full_v[sel], cache.v[i][sel], atol=1e-5, rtol=1e-5)
+
+
+def test_past_argument_errors():
+    m = random_model().eval()
+    ids = torch.randint(0, m.config.vocab_size, (2, 3))
+    with torch.no_grad():
+        _, kv = m.forward_hidden(ids, return_kv=True)
+        with pytest.raises(ValueError, match=r"attn_mask must be \(B, S0\+T\)"):
+            m.forward_hidden(ids, attn_mask=torch.ones(2, 3, dtype=torch.bool), past=kv)
+        with pytest.raises(ValueError, match="either a KVCache or past"):
+            m.forward_hidden(ids, past=kv, cache=KVCache(m.config, 2, 6))
+        # no attn_mask with past: every key real, positions S0.. (as one unpadded forward)
+        torch.testing.assert_close(m.forward_hidden(ids, past=kv), m.forward_hidden(torch.cat([ids, ids], 1))[:, 3:],
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_rope_theta_read_from_flat_key_and_from_rope_parameters():
