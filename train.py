@@ -41,11 +41,18 @@ from tokenizer import Tokenizer
 
 
 def arg(default, help, **kw):
+    """A config field whose help text (and argparse extras) travel with it: the CLI is generated from these."""
     return field(default=default, metadata=dict(help=help, **kw))
 
 
+# ----------------------------------------------------------------------------- the config: every flag, once
+# One source of truth per setting: parse_args() builds the CLI from these fields, checkpoints save them, and a
+# resumed run reloads them. Defaults are DeepSeekMath's / TRL's GRPO settings for one GPU; small CPU runs (README
+# "CPU quick start") override the batch and lengths, not the algorithm.
+
 @dataclass
 class TrainConfig:
+    # ---- what to train, from where, to where
     task: str = arg("gsm8k", "task to train on (tasks.py: gsm8k, arith)")
     task_opts: str = arg("", "task options as k=v,k=v (arith: digits=2,ops=+,terms=2,...; see tasks.py)")
     model: str = arg("Qwen/Qwen2.5-0.5B-Instruct", "Hugging Face repo id or local checkpoint dir")
@@ -53,8 +60,9 @@ class TrainConfig:
     cache_dir: str = arg("~/.cache/grpo", "where downloaded datasets are kept")
     out: str = arg("", "run dir for metrics, evals, checkpoints (default runs/TASK-TIMESTAMP)")
     resume: str = arg("", "run dir to continue from its last complete checkpoint (flags given now override)")
-    plot: str = arg("", "only write the curves of this run dir to a PNG, then exit")
+    plot: str = arg("", "only plot the curves of this run dir (or dirs,joined,by,commas) to a PNG (--out, default RUN/curves.png), then exit")
     eval_only: bool = arg(False, "only evaluate --model on the task's test split (eval.jsonl in --out), then exit")
+    # ---- the batch: P prompts x G completions; GRPO's baseline is the group mean, so G is the variance knob
     steps: int = arg(200, "optimizer steps (x mu)")
     prompts_per_step: int = arg(16, "prompts per step, global across ranks")
     group_size: int = arg(8, "G: completions per prompt")
@@ -62,12 +70,14 @@ class TrainConfig:
     temperature: float = arg(0.7, "sampling temperature for training rollouts")
     top_p: float = arg(1.0, "nucleus sampling mass for rollouts (1 = off)")
     top_k: int = arg(0, "top-k for rollouts (0 = off)")
+    # ---- the optimizer: RL fine-tuning moves weights far less than pre-training, hence lr ~1e-6 on GPU models
     lr: float = arg(2e-6, "peak learning rate (AdamW)")
     warmup_steps: int = arg(10, "linear warmup steps, then cosine decay")
     min_lr_ratio: float = arg(0.1, "final lr as a fraction of --lr")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     adam_beta2: float = arg(0.99, "AdamW beta2 (beta1 0.9)")
     grad_clip: float = arg(1.0, "clip the global grad norm to this (0 = off)")
+    # ---- the loss (grpo.py states the objective and numbers each departure that these flags select)
     beta: float = arg(0.04, "k3 KL coefficient; 0 = no reference model at all")
     eps_low: float = arg(0.2, "clip ratio below at 1 - eps_low")
     eps_high: float = arg(None, "clip ratio above at 1 + eps_high (default eps_low; DAPO clip-higher: 0.28)", type=float)
@@ -77,10 +87,12 @@ class TrainConfig:
     adv_unbiased_std: bool = arg(True, "Bessel-corrected std for advantages (np.std if off)")
     adv_eps: float = arg(1e-4, "added to the std of advantages")
     mu: int = arg(1, "update passes (optimizer steps) per batch of rollouts")
+    # ---- memory and speed: none of these changes what is computed, only how
     micro_batch: int = arg(8, "rows per forward/backward; changes memory, not the gradient")
     logprob_chunk: int = arg(1024, "tokens per lm_head/log_softmax chunk")
     grad_ckpt: bool = arg(False, "gradient checkpointing: recompute activations in backward")
     compile: bool = arg(False, "torch.compile the sampler's decode step (on CPU it measured slower than eager, which packs weights for oneDNN)")
+    # ---- evaluation, checkpoints, logging
     eval_every: int = arg(50, "evaluate every this many steps (0 = only at start and end)")
     eval_n: int = arg(1319, "test problems per evaluation (greedy pass@1)")
     eval_batch: int = arg(64, "prompts per evaluation generate call")
@@ -92,6 +104,7 @@ class TrainConfig:
 
 
 def die(msg):
+    """The one-line exit for bad input: lower files raise exceptions, only this file turns them into exits."""
     raise SystemExit(f"train.py: error: {msg}")
 
 
@@ -106,6 +119,7 @@ def parse_args(argv=None):
             p.add_argument(flag, type=m.get("type", type(f.default)), default=f.default, help=m["help"],
                            choices=m.get("choices"))
     args = vars(p.parse_args(argv))
+    # "given" = flags typed on this command line; on --resume they override the saved config, the rest do not
     words = argv if argv is not None else sys.argv[1:]
     given = {a.dest for a in p._actions for o in a.option_strings for w in words if w == o or w.startswith(o + "=")}
     return TrainConfig(**args), given
@@ -123,12 +137,15 @@ def lr_at(step, cfg):
 
 def data_indices(step, cfg, n):
     """Global dataset indices of a step's prompts: a fresh seeded permutation each epoch."""
+    # A pure function of (seed, step): no data-loader state to checkpoint, and resume or a change of rank count
+    # draws exactly the prompts the uninterrupted run would have.
     pos = np.arange((step - 1) * cfg.prompts_per_step, step * cfg.prompts_per_step)
     return [int(np.random.default_rng([cfg.seed, int(q) // n]).permutation(n)[q % n]) for q in pos], pos
 
 
 def completion_texts(tok, ro):
     """Decoded completions, without the final stop token (rewards see only the text)."""
+    # lengths include the stop token when a row stopped; a truncated row keeps all its tokens
     out = []
     for ids, n, stopped in zip(ro.completion_ids.tolist(), ro.lengths.tolist(), ro.stopped.tolist()):
         out.append(tok.decode(ids[:n - int(stopped)]))
@@ -145,10 +162,12 @@ def all_sum(values, world):
 
 
 def dist_device():
+    """Where collectives' tensors must live: NCCL reduces only CUDA tensors, gloo CPU ones."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def copy_tokenizer_files(src, dst):
+    """The tokenizer and chat-template files beside the weights, so a checkpoint is a complete model dir."""
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
               "special_tokens_map.json", "vocab.json", "merges.txt"):
         if os.path.isfile(os.path.join(src, f)):
@@ -170,8 +189,15 @@ def truncate_jsonl(path, last_step):
         os.replace(path + ".tmp", path)
 
 
-def plot(run_dir):
-    """reward / accuracy / KL / length curves of a run as run_dir/curves.png (needs matplotlib)."""
+def read_jsonl(path):
+    return [json.loads(l) for l in open(path) if l.strip()] if os.path.isfile(path) else []
+
+
+def plot(run_dirs, out=""):
+    """Curves of one run (every reward function) or several overlaid (e.g. seeds), as a PNG; needs matplotlib.
+
+    run_dirs: a run dir, or several joined by commas. out: the PNG's path (default RUN_DIR/curves.png).
+    """
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -179,31 +205,37 @@ def plot(run_dir):
     except ImportError:
         print("plot: matplotlib is not installed (pip install matplotlib); metrics are in metrics.jsonl")
         return None
-    rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl")) if l.strip()]
-    ev_path = os.path.join(run_dir, "eval.jsonl")
-    evals = [json.loads(l) for l in open(ev_path) if l.strip()] if os.path.isfile(ev_path) else []
-    s = [r["step"] for r in rows]
+    dirs = [d for d in run_dirs.split(",") if d]
     fig, ax = plt.subplots(2, 2, figsize=(11, 7))
-    ax[0, 0].plot(s, [r["reward_mean"] for r in rows], label="total", lw=2)
-    for k in [k for k in rows[0] if k.startswith("reward/")]:
-        ax[0, 0].plot(s, [r[k] for r in rows], label=k[7:], lw=1)
+    for n, d in enumerate(dirs):
+        rows, evals = read_jsonl(os.path.join(d, "metrics.jsonl")), read_jsonl(os.path.join(d, "eval.jsonl"))
+        if not rows:
+            raise SystemExit(f"train.py: error: --plot {d}: no metrics.jsonl there")
+        s, name = [r["step"] for r in rows], os.path.basename(os.path.normpath(d))
+        one = len(dirs) == 1  # one run: every reward function and accuracy; several: one colour per run
+        c = None if one else f"C{n}"
+        ax[0, 0].plot(s, [r["reward_mean"] for r in rows], label="total" if one else name, lw=2 if one else 1, color=c)
+        for k in [k for k in rows[0] if k.startswith("reward/") and one]:
+            ax[0, 0].plot(s, [r[k] for r in rows], label=k[7:], lw=1)
+        for k in [k for k in rows[0] if k.startswith("acc_") and (one or k == "acc_strict")]:
+            ax[0, 1].plot(s, [r[k] for r in rows], label=f"train {k}" if one else None, lw=1, alpha=0.5, color=c)
+        for k in [k for k in (evals[0] if evals else {}) if k.startswith("acc_")]:
+            ax[0, 1].plot([e["step"] for e in evals], [e[k] for e in evals], "o-" if k == "acc_strict" else "s--",
+                          label=f"eval {k}" + ("" if one else f" {name}"), color=c)
+        ax[1, 0].plot(s, [r["kl"] for r in rows], color=c, label=None if one else name)
+        ax[1, 1].plot(s, [r["len_mean"] for r in rows], label="mean" if one else name, color=c)
+        if one:
+            ax[1, 1].plot(s, [r["len_max"] for r in rows], label="max")
     ax[0, 0].set_title("training reward (mean)")
-    for k in [k for k in rows[0] if k.startswith("acc_")]:
-        ax[0, 1].plot(s, [r[k] for r in rows], label=f"train {k}", lw=1)
-    for k in [k for k in (evals[0] if evals else {}) if k.startswith("acc_")]:
-        ax[0, 1].plot([e["step"] for e in evals], [e[k] for e in evals], "o-", label=f"eval {k}")
-    ax[0, 1].set_title("accuracy")
-    ax[1, 0].plot(s, [r["kl"] for r in rows])
+    ax[0, 1].set_title("accuracy (eval: greedy, held-out; train: sampled)")
     ax[1, 0].set_title("KL to reference (k3, per token)")
-    ax[1, 1].plot(s, [r["len_mean"] for r in rows], label="mean")
-    ax[1, 1].plot(s, [r["len_max"] for r in rows], label="max")
-    ax[1, 1].set_title("completion length (tokens)")
+    ax[1, 1].set_title("completion length (tokens, mean)")
     for a in ax.flat:
         a.set_xlabel("step")
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=7)
     fig.tight_layout()
-    out = os.path.join(run_dir, "curves.png")
+    out = out or os.path.join(dirs[0], "curves.png")
     fig.savefig(out, dpi=110)
     print(f"plot: wrote {out}")
     return out
@@ -330,10 +362,10 @@ def setup(cfg, given):
     if not cfg.eval_only:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
                                 weight_decay=cfg.weight_decay)
-    if state:
+    if state:  # Adam's moments and the torch RNG, so the resumed steps equal the uninterrupted ones
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
-    if rank == 0:
+    if rank == 0:  # records past the checkpoint came from steps that are about to be redone
         os.makedirs(cfg.out, exist_ok=True)
         truncate_jsonl(os.path.join(cfg.out, "metrics.jsonl"), start)
         truncate_jsonl(os.path.join(cfg.out, "eval.jsonl"), start)
@@ -509,6 +541,7 @@ def run_eval(run, step):
     """Evaluate greedily on the test split; eval.jsonl gets the scores, eval/step-N.jsonl every completion."""
     run.log(f"eval step {step}: {min(run.cfg.eval_n, len(run.test))} test problems, greedy, "
             f"up to {run.cfg.max_new_tokens} new tokens")
+    # greedy, so the score is a property of the weights alone, not of a sampling seed
     metrics, rows = evaluate(run.model.eval(), run.tok, run.task, run.test, run.cfg, run.amp(), run.rank, run.world,
                              run.log)
     if run.rank == 0:
@@ -549,14 +582,14 @@ def save(run, step):
 def main(argv=None):
     cfg, given = parse_args(argv)
     if cfg.plot:
-        return plot(cfg.plot)
+        return plot(cfg.plot, cfg.out)
     run = setup(cfg, given)
     cfg = run.cfg
     if cfg.eval_only:  # measure a model before training it: scores to eval.jsonl, weights untouched
         run_eval(run, 0)
         return finish(run)
 
-    if run.start == 0:
+    if run.start == 0:  # the baseline: every learning claim is this number against the final one
         run_eval(run, 0)
     t_run, step = time.time(), run.start
     try:
@@ -581,7 +614,7 @@ def main(argv=None):
         die(f"out of memory at step {step}: lower --micro-batch (now {cfg.micro_batch}), --max-new-tokens, "
             "--group-size or --prompts-per-step, or pass --grad-ckpt. Last checkpoint kept in " + cfg.out)
 
-    if step > run.start or run.start == 0:
+    if step > run.start or run.start == 0:  # the final evaluation, unless a resume found nothing left to do
         run_eval(run, cfg.steps)
     if run.rank == 0:
         plot(cfg.out)
@@ -589,6 +622,7 @@ def main(argv=None):
 
 
 def finish(run):
+    """Leave the process group cleanly, so torchrun sees every rank exit 0."""
     if run.world > 1:
         dist.destroy_process_group()
 

@@ -109,10 +109,17 @@ def test_micro_batch_changes_memory_not_the_update(tiny_ckpt, data_dir, tmp_path
     init = Transformer.from_pretrained(tiny_ckpt).state_dict()
     # Adam's first step moves each weight by about lr * g / (|g| + 1e-8), which amplifies fp32 summation-order
     # noise on gradients near 1e-8; so compare against the size of the step itself (lr = 1e-2): within 2% of it.
+    # Where |g| is below Adam's eps (a step under lr/2 in both runs) the step is that noise divided by 1e-8: micro-
+    # batch 1 forwards each row's prompt, micro-batch 8 each distinct prompt once (grpo.token_logprobs), so the
+    # summation order differs. Such weights are excluded, and must be rare (here 1 of 2048 in one matrix, whose
+    # |g| is about 5e-9; it moved by 0.34 lr with micro-batch 1, 0.27 lr with 8, and 0.33 lr before prompts were
+    # shared).
     for (lt, a), (_, b) in zip(params[:3], params[3:]):
         assert max((a[k] - init[k]).abs().max() for k in a) > 0.009, lt  # a real step was taken
         for k in a:
-            torch.testing.assert_close(a[k], b[k], atol=2e-4, rtol=0, msg=f"{lt} {k}")
+            tiny = ((a[k] - init[k]).abs() < 5e-3) & ((b[k] - init[k]).abs() < 5e-3)  # |g| < Adam's eps in both
+            assert tiny.float().mean() < 0.01, f"{lt} {k}"
+            torch.testing.assert_close(a[k][~tiny], b[k][~tiny], atol=2e-4, rtol=0, msg=f"{lt} {k}")
 
 
 def test_beta_zero_loads_no_reference_model(tiny_ckpt, data_dir, tmp_path, monkeypatch):
@@ -216,3 +223,23 @@ def test_offline_gsm8k_without_data_says_how_to_pass_data_dir(tiny_ckpt, tmp_pat
     a = args(tiny_ckpt, "", tmp_path / "r", "--cache-dir", str(tmp_path / "cache"))
     with pytest.raises(SystemExit, match="could not download GSM8K train.*pass --data-dir DIR"):
         train.main(["--steps", "1", *a])
+
+
+def test_plot_one_run_and_several_overlaid(tmp_path):
+    pytest.importorskip("matplotlib")
+    for name, up in (("s0", 0.1), ("s1", 0.2)):
+        d = tmp_path / name
+        d.mkdir()
+        with open(d / "metrics.jsonl", "w") as f:
+            for s in (1, 2, 3):
+                f.write(json.dumps({"step": s, "reward_mean": up * s, "reward/correct": up * s, "acc_strict": up * s,
+                                    "kl": 0.01 * s, "len_mean": 30, "len_max": 40}) + "\n")
+        with open(d / "eval.jsonl", "w") as f:
+            f.write(json.dumps({"step": 0, "n": 9, "acc_strict": 0.1}) + "\n")
+            f.write(json.dumps({"step": 3, "n": 9, "acc_strict": 0.1 + up}) + "\n")
+    assert train.main(["--plot", str(tmp_path / "s0")]) == str(tmp_path / "s0" / "curves.png")
+    both = str(tmp_path / "both.png")
+    assert train.main(["--plot", f"{tmp_path / 's0'},{tmp_path / 's1'}", "--out", both]) == both
+    assert os.path.getsize(both) > 10_000 and open(both, "rb").read(4) == b"\x89PNG"
+    with pytest.raises(SystemExit, match="no metrics.jsonl there"):
+        train.main(["--plot", str(tmp_path / "nope")])
