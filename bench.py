@@ -91,8 +91,8 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- inputs
 
 def chat_messages(i):
-    """Prompt i as train.py's GSM8K task builds it (its system prompt and format reminder); distinct for every i."""
-    from train import TASKS
+    """Prompt i as the gsm8k task builds it (system prompt, worked-example turn, question); distinct for every i."""
+    from tasks import TASKS
     q = QUESTIONS[i % len(QUESTIONS)]
     if i >= len(QUESTIONS):
         q = f"(Variant {i // len(QUESTIONS)}) {q}"  # keep prompts distinct past the list's end
@@ -431,7 +431,7 @@ def cmd_step(cfg):
         return -len(completion) / 100.0
 
     # the same P prompts every step, as the TRL run (shuffle_dataset=False) sees them
-    train.TASKS["bench"] = train.Task(lambda c: (examples, examples), lambda ex: chat_messages(ex["i"]),
+    train.TASKS["bench"] = train.Task(lambda *a, **k: (examples, examples), lambda ex: chat_messages(ex["i"]),
                                       [(1.0, reward_len)], {})
     with tempfile.TemporaryDirectory() as out:
         train.main(["--task", "bench", "--model", cfg.model, "--out", out, "--steps", str(cfg.trl_steps + 1),

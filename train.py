@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from grpo import LOSS_TYPES, group_advantages, grpo_loss, loss_normalizer, token_logprobs
 from model import Transformer
+from rewards import combine
 from sample import generate
 from tasks import TASKS, Task, TaskError, parse_options, prompt_text  # noqa: F401 (Task: for forkers and tests)
 from tokenizer import Tokenizer
@@ -206,6 +207,9 @@ def plot(run_dirs, out=""):
         print("plot: matplotlib is not installed (pip install matplotlib); metrics are in metrics.jsonl")
         return None
     dirs = [d for d in run_dirs.split(",") if d]
+    if not dirs:
+        raise SystemExit(f"train.py: error: --plot {run_dirs!r}: name a run dir, or several joined by commas")
+    out = os.path.join(out, "curves.png") if out and os.path.isdir(out) else out
     fig, ax = plt.subplots(2, 2, figsize=(11, 7))
     for n, d in enumerate(dirs):
         rows, evals = read_jsonl(os.path.join(d, "metrics.jsonl")), read_jsonl(os.path.join(d, "eval.jsonl"))
@@ -338,6 +342,8 @@ def setup(cfg, given):
     if cfg.temperature <= 0:
         die("--temperature must be > 0 for training rollouts (greedy groups have no variance to learn from)")
     cfg.out = cfg.out or os.path.join("runs", f"{cfg.task}-{'eval-' if cfg.eval_only else ''}{time.strftime('%Y%m%d-%H%M%S')}")
+    if cfg.eval_only and any(os.path.exists(os.path.join(cfg.out, f)) for f in ("metrics.jsonl", "eval.jsonl")):
+        die(f"--out {cfg.out} already holds a run's metrics or evals; --eval-only writes to a new dir")
     torch.manual_seed(cfg.seed + rank)
 
     # ---- data, tokenizer, policy, and (only when beta > 0) the frozen reference
@@ -393,17 +399,18 @@ def next_prompts(run, step):
 
 
 def rollout(run, examples, pos):
-    """G completions per prompt from the current policy (sample.py), and their decoded texts."""
+    """G completions per prompt from the current policy (sample.py): (rollout, decoded texts, seconds sampling)."""
     cfg = run.cfg
     # One generator per prompt, seeded by the prompt's global data position: a prompt's completions do not
     # depend on which rank drew it or on what else is in the batch, so N ranks sample what 1 process would.
     gens = [torch.Generator(run.device).manual_seed(cfg.seed * 2 ** 32 + int(q)) for q in pos]
     prompts = [run.tok.encode_chat(run.task.prompt(ex)) for ex in examples]
     run.model.eval()
+    t0 = time.time()
     with run.amp():
         ro = generate(run.model, prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
                       run.tok.stop_ids, gens, run.tok.vocab_size, run.tok.pad_id, cfg.compile)
-    return ro, completion_texts(run.tok, ro)
+    return ro, completion_texts(run.tok, ro), time.time() - t0
 
 
 def score(run, examples, texts):
@@ -411,9 +418,9 @@ def score(run, examples, texts):
     # Every reward sees the example's fields and `prompt`, the prompt's text, so a format reward can refuse
     # reasoning copied from the instruction (rewards.well_formed). Row i belongs to prompt i // G.
     rows = [examples[i // run.cfg.group_size] for i in range(len(texts))]
-    ptexts = [prompt_text(run.task.prompt(ex)) for ex in rows]
-    per_fn = {f.__name__: [f(t, prompt=p, **ex) for t, p, ex in zip(texts, ptexts, rows)] for _, f in run.task.rewards}
-    total = torch.tensor([sum(w * per_fn[f.__name__][i] for w, f in run.task.rewards) for i in range(len(texts))])  # (N,)
+    scored = [combine(run.task.rewards, t, prompt=prompt_text(run.task.prompt(ex)), **ex) for t, ex in zip(texts, rows)]
+    total = torch.tensor([tot for tot, _ in scored])  # (N,)
+    per_fn = {k: [per[k] for _, per in scored] for k in (scored[0][1] if scored else {})}
     accs = {k: [f(t, **ex) for t, ex in zip(texts, rows)] for k, f in run.task.metrics.items()}
     return total, per_fn, accs
 
@@ -596,17 +603,16 @@ def main(argv=None):
         for step in range(run.start + 1, cfg.steps + 1):
             t_step = time.time()
             examples, pos = next_prompts(run, step)                      # 1. this rank's P prompts
-            ro, texts = rollout(run, examples, pos)                      # 2. G completions each (no grad)
-            t_sample = time.time() - t_step
+            ro, texts, t_sample = rollout(run, examples, pos)            # 2. G completions each (no grad)
             total, per_fn, accs = score(run, examples, texts)            # 3. rewards and metrics
             adv, zero_std = advantages(run, total)                       # 4. group-relative advantages
             t0 = time.time()
             ref_lp, old_lp = reference(run, ro)                          # 5. reference (and pi_old) log-probs
-            sums, gn, lr = update(run, step, ro, adv, ref_lp, old_lp)    # 6-7. loss, backward, optimizer step(s)
+            sums, gn, lr = update(run, step, ro, adv, ref_lp, old_lp)    # 6. loss, backward, optimizer step(s)
             times = {"sample_s": t_sample, "train_s": time.time() - t0, "step_s": time.time() - t_step}
-            metrics = log_step(run, step, ro, texts, total, per_fn, accs, zero_std, sums, gn, lr, times)  # 8. log
+            metrics = log_step(run, step, ro, texts, total, per_fn, accs, zero_std, sums, gn, lr, times)  # 7. log
             print_step(run, step, metrics, t_run, texts, per_fn)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:  # 9. eval, checkpoint
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:  # then eval, checkpoint
                 run_eval(run, step)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save(run, step)

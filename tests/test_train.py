@@ -190,9 +190,28 @@ def test_eval_only_writes_eval_and_changes_no_weights(tiny_ckpt, data_dir, tmp_p
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_eval_only_with_resume_is_a_clear_error(tiny_ckpt, data_dir, tmp_path):
+def test_eval_only_with_resume_or_into_a_run_dir_is_a_clear_error(tiny_ckpt, data_dir, tmp_path):
     with pytest.raises(SystemExit, match="--eval-only evaluates --model"):
         train.main(["--eval-only", "--resume", str(tmp_path), *args(tiny_ckpt, data_dir, tmp_path / "r")])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(SystemExit, match="already holds a run's metrics or evals; --eval-only writes to a new dir"):
+        train.main(["--eval-only", *args(tiny_ckpt, data_dir, tmp_path / "run")])
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_partial_rewards_are_named_and_duplicates_refused(tiny_ckpt, data_dir, tmp_path, monkeypatch):
+    from functools import partial
+    import rewards as R
+    g = train.TASKS["gsm8k"]
+    near = partial(R.length_penalty, ideal=10)
+    monkeypatch.setitem(train.TASKS, "p", train.Task(g.load, g.prompt, [(0.1, near)], g.metrics))
+    train.main(["--task", "p", "--steps", "1", *args(tiny_ckpt, data_dir, tmp_path / "p")])
+    row = metrics(tmp_path / "p")[0]
+    assert row["reward/length_penalty"] < 0 and abs(row["reward_mean"] - 0.1 * row["reward/length_penalty"]) < 1e-6
+    monkeypatch.setitem(train.TASKS, "d", train.Task(g.load, g.prompt, [(1.0, near), (1.0, R.length_penalty)], g.metrics))
+    with pytest.raises(ValueError, match="duplicate reward name 'length_penalty'"):
+        train.main(["--task", "d", "--steps", "1", *args(tiny_ckpt, data_dir, tmp_path / "d")])
 
 
 def test_arith_task_trains_end_to_end_with_options(tiny_ckpt, tmp_path):
@@ -243,3 +262,6 @@ def test_plot_one_run_and_several_overlaid(tmp_path):
     assert os.path.getsize(both) > 10_000 and open(both, "rb").read(4) == b"\x89PNG"
     with pytest.raises(SystemExit, match="no metrics.jsonl there"):
         train.main(["--plot", str(tmp_path / "nope")])
+    assert train.main(["--plot", str(tmp_path / "s1"), "--out", str(tmp_path)]) == str(tmp_path / "curves.png")
+    with pytest.raises(SystemExit, match="name a run dir"):
+        train.main(["--plot", ","])
