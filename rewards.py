@@ -19,13 +19,15 @@ anything with more than MAX_DIGITS digits, and "n/0".
 Reward hacking, per function (what it closes / what it cannot):
 - well_formed, the gate of every GSM8K format reward (format_strict, format_soft, integer_answer and
   xml_count's tag credit score 0 without it): exactly one reasoning block with >= 3 alphanumeric words
-  that is not a substring of the prompt (casefolded, whitespace collapsed), and exactly one answer block
-  holding exactly one number. Closes: the system prompt's template copied with "..." (SmolLM2-135M learned
-  it and took 1.5 of the old 4.0), placeholder or one/two-word reasoning ("x", "work"), the instruction,
-  question or a worked example pasted verbatim as reasoning, a bare answer block. Cannot: a paraphrased
-  copy of the instruction, filler reasoning of 3+ real words ("a b c"), reasoning in a non-Latin script
-  (needs ASCII words); and `correct` is deliberately not gated, so a right guess without reasoning still
-  earns it (a right answer is a right answer).
+  holding at least one calculation (number, operator, number: "16 * 4", "3 times 7") that is not a
+  substring of the prompt (casefolded, whitespace collapsed), and exactly one answer block holding exactly
+  one number. Closes: the system prompt's template copied with "..." (SmolLM2-135M learned it and took 1.5
+  of the old 4.0), placeholder or one/two-word reasoning ("x", "work"), the instruction, question or a
+  worked example pasted verbatim as reasoning, a bare answer block, and (seen next on SmolLM2) reasoning that
+  restates the question's sentences or states the answer without computing anything. Cannot: a wrong or
+  irrelevant calculation ("1 + 1 = 2" before a guess), a paraphrased copy plus a calculation, reasoning in a
+  non-Latin script (needs ASCII words); and `correct` is deliberately not gated, so a right guess without
+  reasoning still earns it (a right answer is a right answer).
 - correct: exactly one <answer> block holding exactly one number *value* (repeats like "18 ... 18.0"
   are fine). Closes: several <answer> blocks, several candidates in one block ("3 or 4 or 5",
   "3-5"), empty/whitespace answers, an answer outside the tags. Cannot: a right guess with wrong
@@ -174,6 +176,10 @@ def answer_block(completion):
 
 _TAGS = {"reasoning": ("<reasoning>", "</reasoning>"), "think": ("<think>", "</think>")}
 _WORD = re.compile(r"[A-Za-z0-9]+")
+# one calculation: a number, an operator (symbol or word), a number ("16 * 4", "3 times 7", "$2 x 9"); bounded
+# gaps keep the scan linear
+_CALC = re.compile(r"[0-9][ \t]{0,3}(?:[-+*/x\u00d7\u00f7\u2212]|times|plus|minus|divided by|multiplied by)"
+                   r"[ \t]{0,3}\$?[0-9]")
 
 
 def _layout_tags(layout):
@@ -194,7 +200,8 @@ def _norm(text):
 
 
 def well_formed(completion, prompt="", layout="reasoning", **_):
-    """True iff one answer block with one number and one reasoning block of >= 3 words not copied from prompt."""
+    """True iff one answer block with one number, and one reasoning block of >= 3 words with a calculation, not
+    copied from the prompt."""
     # The gate of every format reward: a 135M model earned 1.5/4.0 by emitting the system prompt's
     # literal "<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>" template. Cheapest checks first.
     a = answer_block(completion)
@@ -203,6 +210,11 @@ def well_formed(completion, prompt="", layout="reasoning", **_):
     r = reasoning_block(completion, layout)
     # >= 3 ASCII alphanumeric words: "...", "x", "work" fail, "37 + 48 = 85" passes; islice stops the scan early
     if r is None or sum(1 for _ in islice(_WORD.finditer(r), 3)) < 3:
+        return False
+    # at least one calculation: SmolLM2 on GSM8K, once the template copy was closed, earned the format rewards by
+    # restating the question's sentences ("She sells the remainder at the farmers' market daily for $2 per
+    # fresh duck egg.") or the answer alone ("12 bolts of blue fiber."), neither of which computes anything
+    if _CALC.search(r) is None:
         return False
     # a verbatim copy of the instruction, question or a worked example (str `in` is linear in CPython)
     return not (prompt and _norm(r) in _norm(prompt))

@@ -230,7 +230,7 @@ def test_hacks_rejected():
 def test_format_strict_and_soft():
     assert R.format_strict(GOOD) == 1.0
     assert R.format_strict(GOOD.rstrip()) == 1.0 and R.format_strict(GOOD + "\n  ") == 1.0  # trailing ws ok
-    assert R.format_strict("<reasoning>\n6 rows\nof 7 eggs\n</reasoning>\n<answer>\n42\n</answer>") == 1.0
+    assert R.format_strict("<reasoning>\n6 rows\nof 7 eggs: 6 * 7\n</reasoning>\n<answer>\n42\n</answer>") == 1.0
     assert R.format_strict("<reasoning>\n\n</reasoning>\n<answer>\n\n</answer>\n") == 0.0  # empty: closed by the gate
     assert R.format_strict("<reasoning>\n</reasoning>\n<answer>\n</answer>\n") == 0.0  # regex needs \n..\n
     assert R.format_strict("<reasoning>6 times 7</reasoning>\n<answer>\n42\n</answer>") == 0.0  # well-formed, no \n
@@ -239,17 +239,18 @@ def test_format_strict_and_soft():
     assert R.format_strict(wrap(42, "x")) == 0.0 and R.format_strict(wrap(42, "...")) == 0.0  # right layout, gated
     assert R.format_strict(wrap("...", "6 times 7 is 42")) == 0.0  # no number
     assert R.format_strict(GOOD.replace("42\n</answer>", "<answer>42\n</answer>")) == 0.0  # duplicate tag
-    think = "<think>\nsix sevens make 42\n</think>\n<answer>42</answer>"
+    think = "<think>\nsix sevens: 6 * 7 = 42\n</think>\n<answer>42</answer>"
     assert R.format_strict(think, layout="think") == 1.0
-    assert R.format_strict("<think>a b c</think><answer>42</answer>", layout="think") == 1.0
+    assert R.format_strict("<think>a b c 6x7</think><answer>42</answer>", layout="think") == 1.0
+    assert R.format_strict("<think>a b c</think><answer>42</answer>", layout="think") == 0.0  # no calculation
     assert R.format_strict("<think>hmm</think><answer>42</answer>", layout="think") == 0.0  # gated on <think>
-    assert R.format_strict("<think>a b c</think> x <answer>42</answer>", layout="think") == 0.0
+    assert R.format_strict("<think>a b c 6x7</think> x <answer>42</answer>", layout="think") == 0.0
     assert R.format_strict(think + " extra", layout="think") == 0.0
     assert R.format_strict(think) == 0.0 and R.format_strict(GOOD, layout="think") == 0.0
-    assert R.format_soft("pre <reasoning>a\nb c</reasoning> mid <answer>4</answer> post") == 1.0
+    assert R.format_soft("pre <reasoning>a\nb c 2+2</reasoning> mid <answer>4</answer> post") == 1.0
     assert R.format_soft("pre <reasoning>a\nb</reasoning> mid <answer>4</answer> post") == 0.0  # 2 words: gated
-    assert R.format_soft("<reasoning>a b c</reasoning><answer>x</answer>") == 0.0  # no number: gated
-    assert R.format_soft("<answer>4</answer><reasoning>a b c</reasoning>") == 0.0
+    assert R.format_soft("<reasoning>a b c 2+2</reasoning><answer>x</answer>") == 0.0  # no number: gated
+    assert R.format_soft("<answer>4</answer><reasoning>a b c 2+2</reasoning>") == 0.0
     assert R.format_soft("<reasoning>a</reasoning>") == 0.0
 
 
@@ -380,10 +381,12 @@ def test_combine():
 def test_well_formed():
     assert R.well_formed(GOOD) and R.well_formed(GOOD, prompt=PROMPT)
     assert R.well_formed(wrap(85, "37 + 48 = 85"), prompt=PROMPT)
-    assert R.well_formed(wrap("$1,234.50 dollars", "add the two prices up"), prompt=PROMPT)
+    assert R.well_formed(wrap("$1,234.50 dollars", "add the two prices up: $1,000 + $234.50"), prompt=PROMPT)
     assert R.well_formed(wrap("42 ... so 42.0"), prompt=PROMPT)  # one value, repeated
-    assert R.well_formed("<think>six sevens make 42</think><answer>42</answer>", layout="think")
-    assert not R.well_formed("<think>six sevens make 42</think><answer>42</answer>")  # wrong layout
+    assert R.well_formed("<think>six sevens: 6 * 7 = 42</think><answer>42</answer>", layout="think")
+    assert not R.well_formed("<think>six sevens: 6 * 7 = 42</think><answer>42</answer>")  # wrong layout
+    for calc in ("16 * 4 = 64", "3 times 7", "$2 x 9 = $18", "10 - 3", "12 / 4", "7 \u00d7 6", "2 plus 2 is 4"):
+        assert R.well_formed(wrap(42, "so we get " + calc)), calc
     assert not R.well_formed(GOOD, layout="think")
     bad = {
         "no number": wrap("forty-two"), "empty answer": wrap(""), "two numbers": wrap("41 or 42"),
@@ -396,11 +399,15 @@ def test_well_formed():
         "two reasoning blocks": "<reasoning>\n6 times 7\n</reasoning>\n" + GOOD,
         "two answer blocks": GOOD + "<answer>\n42\n</answer>",
         "misordered reasoning": "</reasoning>\n6 times 7\n<reasoning>\n<answer>\n42\n</answer>",
+        # seen on SmolLM2 (GSM8K, 20 steps) once the template copy was closed: nothing computed
+        "restated question": wrap(16, "She lays 16 eggs per day.\nShe sells the remainder at the farmers\u2019 market "
+                                      "daily for $2 per fresh duck egg."),
+        "answer stated, not computed": wrap(12, "12 bolts of blue fiber."), "a range is no calculation": wrap(42, "it is 40 to 45"),
     }
     for why, text in bad.items():
         assert not R.well_formed(text, prompt=PROMPT), why
-    assert R.well_formed(wrap(42, QUESTION))  # without a prompt there is nothing to copy
-    assert R.well_formed(wrap(42, "so " + QUESTION), prompt=PROMPT)  # not a verbatim substring: cannot close
+    assert R.well_formed(wrap(42, QUESTION + " 6 x 7"))  # without a prompt there is nothing to copy
+    assert R.well_formed(wrap(42, "so " + QUESTION + " 6 x 7"), prompt=PROMPT)  # not a verbatim copy: cannot close
     assert R.reasoning_block(GOOD) == "6 * 7 = 42" and R.reasoning_block(GOOD, layout="think") is None
     assert R.reasoning_block("<think> a </think>", layout="think") == "a"
 
