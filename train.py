@@ -417,8 +417,10 @@ def score(run, examples, texts):
     """Rewards per function and their weighted total (N,), and the task's 0/1 metrics, for every completion."""
     # Every reward sees the example's fields and `prompt`, the prompt's text, so a format reward can refuse
     # reasoning copied from the instruction (rewards.well_formed). Row i belongs to prompt i // G.
-    rows = [examples[i // run.cfg.group_size] for i in range(len(texts))]
-    scored = [combine(run.task.rewards, t, prompt=prompt_text(run.task.prompt(ex)), **ex) for t, ex in zip(texts, rows)]
+    G = run.cfg.group_size
+    rows = [examples[i // G] for i in range(len(texts))]
+    ptexts = [prompt_text(run.task.prompt(ex)) for ex in examples]  # once per prompt, not per completion
+    scored = [combine(run.task.rewards, t, prompt=ptexts[i // G], **ex) for i, (t, ex) in enumerate(zip(texts, rows))]
     total = torch.tensor([tot for tot, _ in scored])  # (N,)
     per_fn = {k: [per[k] for _, per in scored] for k in (scored[0][1] if scored else {})}
     accs = {k: [f(t, **ex) for t, ex in zip(texts, rows)] for k, f in run.task.metrics.items()}
