@@ -169,7 +169,7 @@ def naive_generate(model, prompts, G, N, temperature, top_p, stop_ids, generator
     done = torch.zeros(rows, dtype=torch.bool, device=dev)
     length = torch.full((rows,), N, device=dev)
     for t in range(N):
-        logits = model.lm_head(model.forward_hidden(ids, attn_mask=mask)[:, -1]).float()  # (rows, V)
+        logits = model.logits(model.forward_hidden(ids, attn_mask=mask)[:, -1]).float()  # (rows, V)
         u = uniforms(generator, rows, dev)  # (rows, 1)
         tok = torch.where(done, pad_id, sample_token(logits, temperature, 0, top_p, u, vocab_size)[0])
         hit = torch.isin(tok, stops) & ~done

@@ -75,8 +75,10 @@ def group_advantages(rewards, G=None, scale="group", unbiased=True, eps=1e-4):
 # ----------------------------------------------------------------------------- 2. token log-probs
 
 def _chunk_logprobs(h, lm_head_w, target, temperature):
-    """log softmax(h W^T / T)[target] for one chunk of hidden states h (M, C) -> (M,) fp32."""
-    z = (h @ lm_head_w.t()).float() / temperature  # (M, V): the only V-sized tensor, one chunk at a time
+    """log softmax(h W^T / T)[target] for one chunk of hidden states h (M, C) -> (M,) fp32, also under autocast."""
+    # fp32 matmul even under bf16 autocast: bf16 logits would carry up to ~0.1 nats of rounding (model.logits)
+    with torch.autocast(h.device.type, enabled=False):
+        z = (h.float() @ lm_head_w.float().t()) / temperature  # (M, V): the only V-sized tensor, one chunk at a time
     return z.gather(-1, target[:, None]).squeeze(-1) - z.logsumexp(-1)  # (M,)
 
 

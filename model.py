@@ -170,8 +170,14 @@ class Attention(nn.Module):
             # functional, not a cache write: a new tensor, so autograd reaches the past's producer through it
             k = torch.cat([past[0], k], 2)  # (B, K, S0+T, D)
             v = torch.cat([past[1], v], 2)  # (B, K, S0+T, D)
-        # mask None means plain causal with T == S; otherwise an explicit (B, 1, T, S) bool mask
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.K != self.H)
+        # mask None means plain causal with T == S; otherwise an explicit (B, 1, T, S) bool mask. With a mask,
+        # enable_gqa leaves CUDA only SDPA's math kernel (B x H x T x S fp32 scores), so k/v are repeated to H
+        # heads there instead (query head h reads kv head h // (H/K), as enable_gqa and HF's repeat_kv do).
+        if mask is not None and self.K != self.H:
+            k = k.repeat_interleave(self.H // self.K, dim=1)  # (B, H, S, D)
+            v = v.repeat_interleave(self.H // self.K, dim=1)  # (B, H, S, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=mask is None and self.K != self.H)
         y = self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))  # (B, T, C)
         return (y, kv) if return_kv else y
 
@@ -294,7 +300,19 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids, positions=None, attn_mask=None, cache=None):
         """Logits (B, T, V)."""
-        return self.lm_head(self.forward_hidden(input_ids, positions, attn_mask, cache))
+        return self.logits(self.forward_hidden(input_ids, positions, attn_mask, cache))
+
+    def logits(self, h):
+        """lm_head of hidden states (..., C) -> (..., V); fp32 under autocast (train.py's dtype policy).
+
+        Under bf16 autocast lm_head would round the logits to bf16, whose step is 0.125 for logits in [16, 32):
+        log-probs off by up to ~0.1 nats, ratio noise as large as the clip range. With fp32 weights (autocast's
+        master weights) this costs only the matmul in fp32, and a (rows, V) fp32 output that .float() made anyway.
+        """
+        if torch.is_autocast_enabled(h.device.type):
+            with torch.autocast(h.device.type, enabled=False):
+                return F.linear(h.float(), self.lm_head.weight.float())  # (..., V) fp32
+        return self.lm_head(h)  # (..., V)
 
     # ------------------------------------------------------------------------- loading and saving
 
@@ -302,7 +320,10 @@ class Transformer(nn.Module):
     def from_pretrained(cls, path_or_repo_id, device=None, dtype=None):
         """Load a Hugging Face checkpoint dir or hub repo id; dtype defaults to float32 (fp32 master weights)."""
         path = resolve_checkpoint(path_or_repo_id)
-        cfg = ModelConfig.from_dict(read_json(os.path.join(path, "config.json")))
+        try:
+            cfg = ModelConfig.from_dict(read_json(os.path.join(path, "config.json")))
+        except KeyError as e:
+            raise ValueError(f"{os.path.join(path, 'config.json')}: missing required key {e}") from None
         dtype = dtype or torch.float32
         with torch.device("meta"):
             model = cls(cfg)
@@ -326,6 +347,9 @@ class Transformer(nn.Module):
         raw["dtype"] = raw["torch_dtype"]
         tmp = os.path.join(out_dir, ".model.safetensors.tmp")
         save_file(state, tmp, metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; a checkpoint is read by vLLM, colleagues: as open()
         os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
         write_json_atomic(os.path.join(out_dir, "config.json"), raw)
 

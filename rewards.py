@@ -14,7 +14,8 @@ a leading minus and/or currency sign ("-$5", "$-5"); "%", units and words are ig
 exact Fractions, so 18 == 18.0 == 18.00. Not numbers: digits glued to a letter ("x2", "COVID19"),
 anything after two minus signs, ASCII or U+2212 ("--5", "--$5": neither 5 nor -5, a doubled sign is no sign),
 scientific notation ("1e5" is rejected whole: unsupported, and Fraction(10**999999) would be a DoS),
-anything with more than MAX_DIGITS digits, and "n/0".
+anything with more than MAX_DIGITS digits, and "n/0". parse_number counts such a number-shaped token without a
+value as a second, different candidate ("42 7/0" is ambiguous); last_number skips it.
 
 Reward hacking, per function (what it closes / what it cannot):
 - well_formed, the gate of every GSM8K format reward (format_strict, format_soft, integer_answer and
@@ -127,12 +128,16 @@ def _fmt(v):
 
 
 def parse_number(text):
-    """Exact value of the one number in text ('$1,234 dollars' -> 1234); None if none or several different."""
+    """Exact value of the one number in text ('$1,234 dollars' -> 1234); None if none or several different.
+
+    A number-shaped token without a value ("7/0", "--5", too many digits) counts as a different candidate, so
+    "42 7/0" is ambiguous (None), not 42: skipping it would let a hedge through.
+    """
     val = None
     for tok in dict.fromkeys(_NUM.findall(_str(text))):  # dedupe in C: "1,"*500000 converts once
         v = _to_fraction(tok)
         if v is None:
-            continue
+            return None
         if val is None:
             val = v
         elif v != val:

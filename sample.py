@@ -163,7 +163,7 @@ def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_
     with packed_linears(model, N, enable=not compile):  # CPU only
         h = model.forward_hidden(ids, attn_mask=pmask, cache=cache)  # (P, Tp, C)
         cache.fan_out(G)
-        logits = model.lm_head(h[:, -1]).float().repeat_interleave(G, 0)  # (N, V)
+        logits = model.logits(h[:, -1]).float().repeat_interleave(G, 0)  # (N, V) fp32, also under autocast
 
         # ---- decode: one token per step for every unfinished row
         for t in range(max_new_tokens):

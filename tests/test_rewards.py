@@ -154,6 +154,18 @@ def test_extract_gold():
             R.extract_gold(bad)
 
 
+def test_a_number_without_a_value_is_a_second_candidate():
+    # "7/0" used to be skipped, so "42 7/0" scored as 42: a hedge the answer block must refuse
+    for t in ("42 7/0", "7/0 42", "<answer>42 or 7/0</answer>", "42 --42", "42 " + "9" * (R.MAX_DIGITS + 1)):
+        assert R.parse_number(t) is None, t
+    for t in ("7/0", "--5"):
+        assert R.parse_number(t) is None, t
+    assert R.parse_number("42 and 42.0") == 42  # the same value twice is still one candidate
+    hedge = "<reasoning>\n6 * 7 = 42, or maybe 7/0\n</reasoning>\n<answer>\n42 7/0\n</answer>"
+    assert R.correct(hedge, gold="42") == 0.0
+    assert R.correct_lenient(hedge, gold="42") == 1.0  # lenient reads the last number with a value, by design
+
+
 def test_double_minus_is_no_number():
     for t in ("--5", "\u2212\u22125", "-\u22125", "\u2212-5", "--$5", "$--5", "--.5", "x --5 y",
               "<answer>--5</answer>"):
@@ -161,7 +173,7 @@ def test_double_minus_is_no_number():
         assert R.last_number(t) is None, t
     for t in ("-5", "$-5", "-$5", "\u22125", "x -5 y"):
         assert R.parse_number(t) == -5, t
-    assert R.parse_number("3--4") == 3  # the 4 after two minus signs is no number
+    assert R.parse_number("3--4") is None  # "--4" has no value, so it is a second candidate beside the 3
     a = R.answer_block("<answer>--5</answer>")
     assert a == "--5" and R.parse_number(a) is None
     hedge = "<reasoning>\nsome real work here\n</reasoning>\n<answer>\n--5\n</answer>"
