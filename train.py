@@ -12,9 +12,16 @@ a step, then main(), whose loop shows the stages in order and nothing else:
 What to train on lives in tasks.py (data, prompt, rewards, metrics): adding a task never touches this file.
 Multi-GPU: torchrun --nproc_per_node N train.py ... (data parallel; see README "Multi-GPU").
 
-Dtype policy, the one place it is set: weights, optimizer state and checkpoints are fp32 everywhere. On CUDA,
-forward passes run under bf16 autocast (and the frozen reference model is kept in bf16, as it only runs
-forward there). On CPU everything is fp32.
+Dtype policy, the one place it is set (--dtype): weights, optimizer state and checkpoints are fp32 everywhere.
+With bf16 (the default on CUDA; on CPU only when asked, so CI runs the same code) every forward pass runs under
+bf16 autocast: the sampler, the token log-probs, the reference's and the evaluation's. Two rules keep it exact:
+  - the reference model holds the policy's fp32 weights and runs under the same autocast, so at step 1 its
+    log-probs are the policy's bit for bit and the KL is exactly 0. A bf16 reference would halve its memory
+    (2 bytes per parameter instead of 4: 1 GB for a 0.5B model) but differ from the policy by bf16 rounding of
+    the residual stream, norms and RoPE tables (k3 of 8e-5 on a 2-layer toy at step 1), a KL that is not there;
+  - lm_head and log_softmax run in fp32 (model.logits, grpo._chunk_logprobs): bf16 logits round by up to 0.125
+    above 16, log-probs by ~0.1 nats, ratio noise as large as the clip range. This costs the (chunk, V) logits'
+    matmul in fp32 and nothing in memory: the fp32 logits existed already, for log_softmax.
 Legend: P prompts per rank per step, G group, N = P*G rows, T completion time.
 """
 import argparse
@@ -25,7 +32,8 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+import traceback
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 
@@ -34,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from grpo import LOSS_TYPES, group_advantages, grpo_loss, loss_normalizer, token_logprobs
-from model import Transformer
+from model import Transformer, resolve_checkpoint
 from rewards import combine
 from sample import generate
 from tasks import TASKS, Task, TaskError, parse_options, prompt_text  # noqa: F401 (Task: for forkers and tests)
@@ -93,6 +101,8 @@ class TrainConfig:
     logprob_chunk: int = arg(1024, "tokens per lm_head/log_softmax chunk")
     grad_ckpt: bool = arg(False, "gradient checkpointing: recompute activations in backward")
     compile: bool = arg(False, "torch.compile the sampler's decode step (on CPU it measured slower than eager, which packs weights for oneDNN)")
+    dtype: str = arg("auto", "forward passes in bf16 autocast over fp32 weights, or all fp32 (auto: bf16 on CUDA, "
+                     "fp32 on CPU; see the dtype policy at the top of train.py)", choices=("auto", "bf16", "fp32"))
     # ---- evaluation, checkpoints, logging
     eval_every: int = arg(50, "evaluate every this many steps (0 = only at start and end)")
     eval_n: int = arg(1319, "test problems per evaluation (greedy pass@1)")
@@ -101,7 +111,7 @@ class TrainConfig:
     keep_last: int = arg(2, "checkpoints to keep (older ones are deleted once a newer one is complete)")
     print_every: int = arg(10, "print one sampled completion with its rewards every this many steps")
     seed: int = arg(0, "base seed: data order, and each prompt's sampling stream")
-    device: str = arg("", "cuda, cpu, ... (default: cuda if available)")
+    device: str = arg("", "cuda, cuda:N, cpu or mps; empty: cuda if available, else cpu")
 
 
 def die(msg):
@@ -109,20 +119,32 @@ def die(msg):
     raise SystemExit(f"train.py: error: {msg}")
 
 
-def parse_args(argv=None):
-    """Flags generated from TrainConfig; returns (cfg, the set of flags given explicitly)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default once, and none where the help text already says what empty means."""
+    def _get_help_string(self, action):
+        return action.help if action.default in ("", None) else super()._get_help_string(action)
+
+
+def build_parser(defaults=True):
+    """The CLI, generated from TrainConfig's fields. defaults=False: flags not given are absent from the result."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     for f in fields(TrainConfig):
         m, flag = f.metadata, "--" + f.name.replace("_", "-")
+        default = f.default if defaults else argparse.SUPPRESS
         if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=m["help"])
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=m["help"])
         else:
-            p.add_argument(flag, type=m.get("type", type(f.default)), default=f.default, help=m["help"],
+            p.add_argument(flag, type=m.get("type", type(f.default)), default=default, help=m["help"],
                            choices=m.get("choices"))
-    args = vars(p.parse_args(argv))
-    # "given" = flags typed on this command line; on --resume they override the saved config, the rest do not
-    words = argv if argv is not None else sys.argv[1:]
-    given = {a.dest for a in p._actions for o in a.option_strings for w in words if w == o or w.startswith(o + "=")}
+    return p
+
+
+def parse_args(argv=None):
+    """Flags generated from TrainConfig; returns (cfg, the set of flags given explicitly)."""
+    args = vars(build_parser().parse_args(argv))
+    # "given" = the flags on this command line, as argparse itself read them (abbreviations like --max-new
+    # included); on --resume they override the saved config, the rest do not
+    given = set(vars(build_parser(defaults=False).parse_args(argv)))
     return TrainConfig(**args), given
 
 
@@ -167,17 +189,69 @@ def dist_device():
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def copy_tokenizer_files(src, dst):
-    """The tokenizer and chat-template files beside the weights, so a checkpoint is a complete model dir."""
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
-              "special_tokens_map.json", "vocab.json", "merges.txt"):
+def oom_advice(cfg, step):
+    return (f"out of memory at step {step}: lower --micro-batch (now {cfg.micro_batch}), --max-new-tokens, "
+            f"--group-size or --prompts-per-step, or pass --grad-ckpt. Last checkpoint kept in {cfg.out}")
+
+
+@contextmanager
+def fail_together(run, step):
+    """Run a block that every rank runs; if it fails on any rank, every rank exits with that rank's message.
+
+    Without this, one rank's error (a non-finite loss, a reward function raising, an OOM) ends that rank while
+    the others wait for it in their next all_reduce: a hang, or under torchrun a SIGTERM with no message. Here
+    every rank leaves the block, then all exchange one flag (a tiny all_reduce, before any other collective),
+    so all learn of the failure at the same point and exit with the same line. One process: the same line, or
+    the traceback of an unexpected exception.
+    """
+    err = None
+    try:
+        yield
+    except (Exception, SystemExit) as e:
+        err = e
+    known = isinstance(err, (FloatingPointError, torch.OutOfMemoryError, SystemExit))
+    msg = None if err is None else oom_advice(run.cfg, step) if isinstance(err, torch.OutOfMemoryError) else \
+        str(err.code).removeprefix("train.py: error: ") if isinstance(err, SystemExit) else \
+        str(err) if known else f"{type(err).__name__}: {err} (traceback above)"
+    if run.world > 1:
+        if err is not None and not known:
+            traceback.print_exception(err)  # on the rank that failed, before every rank exits
+        flag = torch.tensor([msg is not None], dtype=torch.int32, device=dist_device())
+        dist.all_reduce(flag)  # how many ranks failed
+        if flag.item():
+            msgs = [None] * run.world
+            dist.all_gather_object(msgs, msg)
+            r = next(i for i, m in enumerate(msgs) if m is not None)
+            die(f"rank {r} of {run.world} failed at step {step}: {msgs[r]}")
+    elif err is not None:
+        if not known:
+            raise err
+        die(msg)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
+                   "special_tokens_map.json", "vocab.json", "merges.txt")
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt")  # a complete step-N/
+
+
+def read_tokenizer_files(src):
+    """{name: bytes} of the tokenizer and chat-template files in src; raises if it has no tokenizer.json."""
+    # Read once at start-up and written into every checkpoint: copying them from the checkpoint a run resumed
+    # from broke once keep-last rotation deleted that checkpoint (later ones had no tokenizer, and no resume).
+    files = {}
+    for f in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(src, f)):
-            shutil.copy(os.path.join(src, f), dst)
+            with open(os.path.join(src, f), "rb") as fh:
+                files[f] = fh.read()
+    if "tokenizer.json" not in files:
+        raise FileNotFoundError(f"{src}: no tokenizer.json to put beside the checkpoints' weights")
+    return files
 
 
 def checkpoints(run_dir):
-    """Complete checkpoint dirs of a run, oldest first (a checkpoint is complete once renamed into place)."""
-    ck = [d for d in glob.glob(os.path.join(run_dir, "step-*")) if os.path.isfile(os.path.join(d, "trainer_state.pt"))]
+    """Complete checkpoint dirs of a run, oldest first: renamed into place, and holding every CHECKPOINT_FILES."""
+    ck = [d for d in glob.glob(os.path.join(run_dir, "step-*"))
+          if d.rsplit("-", 1)[1].isdigit() and all(os.path.isfile(os.path.join(d, f)) for f in CHECKPOINT_FILES)]
     return sorted(ck, key=lambda d: int(d.rsplit("-", 1)[1]))
 
 
@@ -287,10 +361,11 @@ class Run:
     train: list
     test: list
     tok: Tokenizer
+    tok_files: dict  # {name: bytes} of the tokenizer files, written into every checkpoint
     model: Transformer
     ref: Transformer  # frozen initial weights; None when beta == 0 (or --eval-only)
     opt: torch.optim.Optimizer  # None with --eval-only
-    amp: object  # a context-manager factory: bf16 autocast on CUDA, nothing on CPU (the dtype policy, top of file)
+    amp: object  # a context-manager factory: bf16 autocast, or nothing with fp32 (the dtype policy, top of file)
     device: torch.device
     rank: int
     world: int
@@ -299,51 +374,123 @@ class Run:
     log: object  # print on rank 0, a no-op elsewhere
 
 
+def check_settings(cfg, world):
+    """Every setting that can be checked without loading anything; dies with one line naming the first bad one."""
+    # A bad flag costs one line now, not a traceback after minutes of loading, sampling or the step-0 eval.
+    if cfg.task not in TASKS:
+        die(f"unknown task {cfg.task!r}; known: {', '.join(TASKS)}")
+    if cfg.prompts_per_step % world:
+        die(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by the {world} ranks")
+    for name in ("steps", "prompts_per_step", "max_new_tokens", "mu", "micro_batch", "eval_batch", "eval_n",
+                 "logprob_chunk", "save_every", "keep_last"):
+        if getattr(cfg, name) < 1:
+            die(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("warmup_steps", "eval_every", "print_every", "top_k", "weight_decay", "grad_clip", "beta", "adv_eps"):
+        if not getattr(cfg, name) >= 0:  # `not >=` also refuses NaN
+            die(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.group_size < 2:
+        die(f"--group-size must be >= 2, got {cfg.group_size}: GRPO's advantage is a reward minus its group's "
+            "mean, so a group of one has zero advantage and nothing is ever learned")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        die(f"--lr must be > 0, got {cfg.lr}")
+    if not cfg.temperature > 0:
+        die("--temperature must be > 0 for training rollouts (greedy groups have no variance to learn from)")
+    if not 0 < cfg.top_p <= 1:
+        die(f"--top-p must be in (0, 1], got {cfg.top_p}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        die(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    if not 0 <= cfg.adam_beta2 < 1:
+        die(f"--adam-beta2 must be in [0, 1), got {cfg.adam_beta2}")
+    if not 0 <= cfg.eps_low < 1 or not (cfg.eps_high is None or cfg.eps_high >= 0):
+        die(f"--eps-low must be in [0, 1) and --eps-high >= 0, got {cfg.eps_low} and {cfg.eps_high}")
+    if cfg.resume and cfg.eval_only:
+        die("--eval-only evaluates --model; to evaluate a run's checkpoint pass --model RUN/step-N")
+    try:
+        return parse_options(cfg.task, cfg.task_opts)
+    except TaskError as e:
+        die(str(e))
+
+
+def pick_device(cfg, world):
+    """The torch.device to run on, or one line saying why the asked-for one cannot be used."""
+    if not cfg.device:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
+            torch.device("cpu")
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        die(f"--device {cfg.device!r} is not a device: use cuda, cuda:N, cpu or mps")
+    if device.type not in ("cpu", "cuda", "mps"):
+        die(f"--device {cfg.device!r}: only cuda, cpu and mps are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            die(f"--device {cfg.device}: CUDA is not available here (this torch {torch.__version__} is "
+                f"{'built with CUDA ' + torch.version.cuda + ' but finds no GPU' if torch.version.cuda else 'a CPU-only build'}); "
+                "use --device cpu")
+        if device.index is None:  # torchrun: one GPU per rank
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if device.index >= torch.cuda.device_count():
+            die(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        die(f"--device {cfg.device}: MPS is not available here; use --device cpu")
+    if world > 1 and device.type == "mps":
+        die("torchrun with --device mps is not supported (no collective backend for it)")
+    return device
+
+
+def check_out_dir(out):
+    """Create the run dir now and prove it writable, so a bad --out fails before anything loads."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        die(f"--out {out}: exists and is not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        die(f"--out {out}: cannot write there ({e.strerror})")
+
+
 def setup(cfg, given):
-    """Distributed init, resume, every check of the settings, then data, tokenizer, models and optimizer."""
-    # ---- distributed: torchrun sets RANK/WORLD_SIZE; each rank takes P/world prompts of every step
+    """Every check of the settings, resume, distributed init, then data, tokenizer, models and optimizer."""
+    # torchrun sets RANK/WORLD_SIZE; each rank takes P/world prompts of every step
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if world > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
-    if torch.cuda.is_available() and cfg.device in ("", "cuda"):
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device(cfg.device or "cpu")
     log = print if rank == 0 else (lambda *a, **k: None)
 
     # ---- resume: the run's saved config, overridden by flags given now
     start, state, ck = 0, None, []
-    if cfg.resume and cfg.eval_only:
-        die("--eval-only evaluates --model; to evaluate a run's checkpoint pass --model RUN/step-N")
-    if cfg.resume:
+    if cfg.resume and not cfg.eval_only:
+        if not os.path.isdir(cfg.resume):
+            die(f"--resume {cfg.resume}: no such run dir")
         ck = checkpoints(cfg.resume)
         if not ck:
-            die(f"--resume {cfg.resume}: no complete checkpoint (step-N/trainer_state.pt) there")
-        state = torch.load(os.path.join(ck[-1], "trainer_state.pt"), map_location="cpu", weights_only=False)
+            die(f"--resume {cfg.resume}: no complete checkpoint there (a step-N/ dir holding {', '.join(CHECKPOINT_FILES)})")
+        try:
+            state = torch.load(os.path.join(ck[-1], "trainer_state.pt"), map_location="cpu", weights_only=False)
+        except Exception as e:  # a truncated or foreign file: name it
+            die(f"--resume {cfg.resume}: cannot read {ck[-1]}/trainer_state.pt ({type(e).__name__}: {e})")
         saved = TrainConfig(**{k: v for k, v in state["config"].items() if k in {f.name for f in fields(TrainConfig)}})
         cfg = TrainConfig(**{f.name: getattr(cfg if f.name in given else saved, f.name) for f in fields(TrainConfig)})
         cfg.out, start = cfg.resume, state["step"]
-        log(f"resuming {cfg.out} from {ck[-1]} (step {start})")
 
     # ---- check the settings before loading anything: a bad flag costs one line, not a model load
-    if cfg.task not in TASKS:
-        die(f"unknown task {cfg.task!r}; known: {', '.join(TASKS)}")
-    try:
-        opts = parse_options(cfg.task, cfg.task_opts)
-    except TaskError as e:
-        die(str(e))
-    if cfg.prompts_per_step % world:
-        die(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by the {world} ranks")
-    for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "mu", "micro_batch", "eval_batch",
-                 "logprob_chunk"):
-        if getattr(cfg, name) < 1:
-            die(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.temperature <= 0:
-        die("--temperature must be > 0 for training rollouts (greedy groups have no variance to learn from)")
+    opts = check_settings(cfg, world)
+    device = pick_device(cfg, world)
     cfg.out = cfg.out or os.path.join("runs", f"{cfg.task}-{'eval-' if cfg.eval_only else ''}{time.strftime('%Y%m%d-%H%M%S')}")
     if cfg.eval_only and any(os.path.exists(os.path.join(cfg.out, f)) for f in ("metrics.jsonl", "eval.jsonl")):
         die(f"--out {cfg.out} already holds a run's metrics or evals; --eval-only writes to a new dir")
+    if rank == 0:
+        check_out_dir(cfg.out)
+    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    if state:
+        log(f"resuming {cfg.out} from {ck[-1]} (step {start})")
+
+    # ---- distributed: every rank has passed the same checks above, so none is left waiting here
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     torch.manual_seed(cfg.seed + rank)
 
     # ---- data, tokenizer, policy, and (only when beta > 0) the frozen reference
@@ -351,19 +498,31 @@ def setup(cfg, given):
         train, test = TASKS[cfg.task].load(cfg.data_dir, cfg.cache_dir, **opts)
     except TaskError as e:
         die(str(e))
-    src = ck[-1] if state else cfg.model
+    # the policy starts from the resumed checkpoint, the reference from --model (the initial weights, also on
+    # resume): a resumed run whose --model has moved is told that this is what failed
+    need_ref = cfg.beta != 0 and not cfg.eval_only
+    try:
+        model_dir = resolve_checkpoint(cfg.model) if need_ref or not state else None
+    except OSError as e:
+        if state:
+            die(f"the reference model (the run's initial weights, --model): {e}; if it moved, pass --model NEW_PATH "
+                "with --resume")
+        die(f"--model: {e}")
+    src = ck[-1] if state else model_dir
     try:
         tok = Tokenizer(src)
+        tok_files = read_tokenizer_files(tok.path)
         model = Transformer.from_pretrained(src, device=device)
-        ref = None
-        if cfg.beta != 0 and not cfg.eval_only:  # the reference is always the initial weights, also on resume
-            ref = Transformer.from_pretrained(cfg.model, device=device,
-                                              dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-            ref.requires_grad_(False).eval()
     except (OSError, ValueError) as e:
         die(f"could not load model {src!r}: {e}")
+    ref = None
+    if need_ref:  # the policy's fp32 weights, under the same autocast: KL exactly 0 at step 1 (dtype policy)
+        try:
+            ref = Transformer.from_pretrained(model_dir, device=device).requires_grad_(False).eval()
+        except (OSError, ValueError) as e:
+            die(f"could not load the reference model {cfg.model!r} (the run's initial weights, --model): {e}")
     model.gradient_checkpointing = cfg.grad_ckpt
-    amp = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext
+    amp = partial(torch.autocast, device.type, dtype=torch.bfloat16) if bf16 else nullcontext
     opt = None
     if not cfg.eval_only:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
@@ -372,16 +531,15 @@ def setup(cfg, given):
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
     if rank == 0:  # records past the checkpoint came from steps that are about to be redone
-        os.makedirs(cfg.out, exist_ok=True)
         truncate_jsonl(os.path.join(cfg.out, "metrics.jsonl"), start)
         truncate_jsonl(os.path.join(cfg.out, "eval.jsonl"), start)
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=2)
     log(json.dumps(asdict(cfg)))
     log(f"{len(train)} train / {len(test)} test examples; {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-        f"params on {device} x {world}; reference model: "
-        f"{'loaded' if ref else 'none (--eval-only)' if cfg.eval_only else 'none (beta=0)'}")
-    return Run(cfg, TASKS[cfg.task], train, test, tok, model, ref, opt, amp, device, rank, world,
+        f"params on {device} x {world}, {'bf16 autocast' if bf16 else 'fp32'}; reference model: "
+        f"{'loaded (fp32 weights)' if ref else 'none (--eval-only)' if cfg.eval_only else 'none (beta=0)'}")
+    return Run(cfg, TASKS[cfg.task], train, test, tok, tok_files, model, ref, opt, amp, device, rank, world,
                cfg.prompts_per_step // world, start, log)
 
 
@@ -477,20 +635,22 @@ def update(run, step, ro, adv, ref_lp, old_lp):
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        for sl in mbs:
-            with run.amp():
-                lp = logprobs(run, model, ro, sl)
-            old = lp.detach() if old_lp is None else old_lp[sl]
-            loss, st = grpo_loss(lp, old, adv[sl], mask[sl], norm, cfg.loss_type,
-                                 None if ref_lp is None else ref_lp[sl], cfg.beta, cfg.eps_low, cfg.eps_high)
-            if not torch.isfinite(loss):
-                die(f"non-finite loss {loss.item()} at step {step}: {st}; advantages "
-                    f"[{adv.min().item():.3g}, {adv.max().item():.3g}]. Last checkpoint kept in {cfg.out}")
-            loss.backward()
-            sums["loss"] += loss.item()
-            for k in ("kl", "ratio", "clip_low", "clip_high"):
-                sums[k] += st[k] * st["tokens"]  # token-weighted, so the logged means are per token
-            sums["tokens"] += st["tokens"]
+        with fail_together(run, step):  # a rank that fails here tells the others before they wait in all_reduce
+            for sl in mbs:
+                with run.amp():
+                    lp = logprobs(run, model, ro, sl)
+                old = lp.detach() if old_lp is None else old_lp[sl]
+                loss, st = grpo_loss(lp, old, adv[sl], mask[sl], norm, cfg.loss_type,
+                                     None if ref_lp is None else ref_lp[sl], cfg.beta, cfg.eps_low, cfg.eps_high)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"non-finite loss {loss.item()}: {st}; advantages [{adv.min().item():.3g}, "
+                        f"{adv.max().item():.3g}]. Last checkpoint kept in {cfg.out}")
+                loss.backward()
+                sums["loss"] += loss.item()
+                for k in ("kl", "ratio", "clip_low", "clip_high"):
+                    sums[k] += st[k] * st["tokens"]  # token-weighted, so the logged means are per token
+                sums["tokens"] += st["tokens"]
         if run.world > 1:  # summed, not averaged: each rank's loss already carries the global normaliser
             for p in model.parameters():
                 dist.all_reduce(p.grad)
@@ -573,7 +733,9 @@ def save(run, step):
         final, tmp = os.path.join(cfg.out, f"step-{step}"), os.path.join(cfg.out, f".step-{step}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         run.model.save_pretrained(tmp)
-        copy_tokenizer_files(run.tok.path, tmp)
+        for name, data in run.tok_files.items():  # read at start-up (read_tokenizer_files), never from a checkpoint
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
         torch.save({"step": step, "optimizer": run.opt.state_dict(), "config": asdict(cfg), "world_size": run.world,
                     "data_position": step * cfg.prompts_per_step, "rng": {"torch": torch.get_rng_state()}},
                    os.path.join(tmp, "trainer_state.pt"))
@@ -592,24 +754,26 @@ def main(argv=None):
     cfg, given = parse_args(argv)
     if cfg.plot:
         return plot(cfg.plot, cfg.out)
-    run = setup(cfg, given)
-    cfg = run.cfg
-    if cfg.eval_only:  # measure a model before training it: scores to eval.jsonl, weights untouched
-        run_eval(run, 0)
-        return finish(run)
-
-    if run.start == 0:  # the baseline: every learning claim is this number against the final one
-        run_eval(run, 0)
-    t_run, step = time.time(), run.start
     try:
+        run = setup(cfg, given)
+    except KeyboardInterrupt:
+        interrupted(None, 0)
+    cfg, t_run, step = run.cfg, time.time(), run.start
+    try:
+        if cfg.eval_only:  # measure a model before training it: scores to eval.jsonl, weights untouched
+            run_eval(run, 0)
+            return finish(run)
+        if run.start == 0:  # the baseline: every learning claim is this number against the final one
+            run_eval(run, 0)
         for step in range(run.start + 1, cfg.steps + 1):
             t_step = time.time()
-            examples, pos = next_prompts(run, step)                      # 1. this rank's P prompts
-            ro, texts, t_sample = rollout(run, examples, pos)            # 2. G completions each (no grad)
-            total, per_fn, accs = score(run, examples, texts)            # 3. rewards and metrics
-            adv, zero_std = advantages(run, total)                       # 4. group-relative advantages
-            t0 = time.time()
-            ref_lp, old_lp = reference(run, ro)                          # 5. reference (and pi_old) log-probs
+            with fail_together(run, step):  # one rank's error ends every rank with its message, not a hang
+                examples, pos = next_prompts(run, step)                  # 1. this rank's P prompts
+                ro, texts, t_sample = rollout(run, examples, pos)        # 2. G completions each (no grad)
+                total, per_fn, accs = score(run, examples, texts)        # 3. rewards and metrics
+                adv, zero_std = advantages(run, total)                   # 4. group-relative advantages
+                t0 = time.time()
+                ref_lp, old_lp = reference(run, ro)                      # 5. reference (and pi_old) log-probs
             sums, gn, lr = update(run, step, ro, adv, ref_lp, old_lp)    # 6. loss, backward, optimizer step(s)
             times = {"sample_s": t_sample, "train_s": time.time() - t0, "step_s": time.time() - t_step}
             metrics = log_step(run, step, ro, texts, total, per_fn, accs, zero_std, sums, gn, lr, times)  # 7. log
@@ -618,15 +782,32 @@ def main(argv=None):
                 run_eval(run, step)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save(run, step)
+        if step > run.start or run.start == 0:  # the final evaluation, unless a resume found nothing left to do
+            run_eval(run, cfg.steps)
     except torch.OutOfMemoryError:
-        die(f"out of memory at step {step}: lower --micro-batch (now {cfg.micro_batch}), --max-new-tokens, "
-            "--group-size or --prompts-per-step, or pass --grad-ckpt. Last checkpoint kept in " + cfg.out)
-
-    if step > run.start or run.start == 0:  # the final evaluation, unless a resume found nothing left to do
-        run_eval(run, cfg.steps)
+        die(oom_advice(cfg, step))
+    except KeyboardInterrupt:
+        interrupted(run, step)
     if run.rank == 0:
         plot(cfg.out)
     return finish(run)
+
+
+def interrupted(run, step):
+    """Ctrl-C: one line saying what is safe and how to go on (exit code 130, as a shell reports SIGINT)."""
+    # Nothing is lost: checkpoints are renamed into place only once complete, so the last one is intact.
+    ck = checkpoints(run.cfg.out) if run else []
+    if run is None:
+        msg = "interrupted while starting"
+    elif run.cfg.eval_only:
+        msg = "interrupted during the evaluation; no scores were written"
+    elif ck:
+        msg = f"interrupted at step {step}; {ck[-1]} is complete. Resume with: python train.py --resume {run.cfg.out}"
+    else:
+        msg = (f"interrupted at step {step}, before the first checkpoint (step "
+               f"{min(run.cfg.save_every, run.cfg.steps)}); nothing to resume, start again")
+    print(f"train.py: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(130)
 
 
 def finish(run):

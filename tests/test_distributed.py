@@ -64,7 +64,7 @@ def metrics(out):
 def test_two_ranks_equal_one_process_and_resume_in_one_rank(setup, tmp_path):
     run(setup, tmp_path / "one", 1, "--steps", "2", "--save-every", "1", "--keep-last", "5")
     log = run(setup, tmp_path / "two", 2, "--steps", "2", "--save-every", "1", "--keep-last", "5")
-    assert "x 2; reference model" in log  # really two ranks
+    assert "cpu x 2, fp32; reference model" in log  # really two ranks
 
     # the parameters after each step: Adam's first step amplifies fp32 summation-order noise on tiny gradients,
     # so the tolerance is 2% of the step size lr = 1e-2 (every weight moves by about lr)
