@@ -190,6 +190,86 @@ def test_past_argument_errors():
                                    atol=1e-5, rtol=1e-5)
 
 
+def old_gqa_sdpa(monkeypatch, K):
+    """Put back the pre-issue-12 attention call: SDPA with the mask *and* enable_gqa on the K kv heads.
+
+    model.py now repeats k/v to H heads when there is a mask (enable_gqa with a mask leaves CUDA only the math
+    kernel); every group of H/K heads is then a copy, so taking one of each recovers the K heads exactly.
+    """
+    import model as M
+    real = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+
+    def sdpa(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, **kw):
+        calls.append((attn_mask is not None, enable_gqa))
+        if attn_mask is not None and k.shape[1] == q.shape[1] != K:
+            rep = q.shape[1] // K
+            k, v, enable_gqa = k[:, ::rep], v[:, ::rep], True
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa, **kw)
+
+    class F:
+        def __getattr__(self, name):
+            return sdpa if name == "scaled_dot_product_attention" else getattr(torch.nn.functional, name)
+    monkeypatch.setattr(M, "F", F())
+    return calls
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3"])
+def test_masked_attention_repeats_kv_and_equals_enable_gqa(monkeypatch, family):
+    from grpo import token_logprobs
+    from sample import generate
+    m = random_model(family).eval()
+    H, K = m.config.num_attention_heads, m.config.num_key_value_heads
+    assert K < H
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 300, (3, 9), generator=g)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[0, :4] = mask[2, :2] = False  # left padding: an explicit mask on every path
+    cid = torch.randint(3, 300, (3, 5), generator=g)
+    cm = torch.ones_like(cid, dtype=torch.bool)
+
+    def run():
+        with torch.no_grad():
+            logits = m(ids, attn_mask=mask)  # training-style forward with a mask
+            ro = generate(m, [[5, 6, 7, 8], [9, 10]], 2, 6, 1.0, generator=1)  # prefill + decode through the cache
+            lp_full = token_logprobs(m, ids, mask, cid, cm, share_prompt=False)
+        pid = ids[[0, 0, 2]]
+        lp_shared = token_logprobs(m, pid, mask[[0, 0, 2]], cid, cm)  # prompt once, completions with `past`
+        return logits, ro, lp_full, lp_shared.detach()
+
+    spy = []
+    import model as M
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(M.F, "scaled_dot_product_attention",
+                        lambda *a, **k: spy.append((k.get("attn_mask") is not None, k.get("enable_gqa"))) or real(*a, **k))
+    new = run()
+    monkeypatch.undo()
+    assert spy and all(not gqa for has_mask, gqa in spy if has_mask)  # never enable_gqa together with a mask
+    calls = old_gqa_sdpa(monkeypatch, K)
+    old = run()
+    assert any(has_mask for has_mask, _ in calls)
+    torch.testing.assert_close(new[0], old[0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(new[1].completion_ids, old[1].completion_ids)
+    torch.testing.assert_close(new[1].logprobs, old[1].logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(new[2], old[2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(new[3], old[3], atol=1e-5, rtol=1e-5)
+
+
+def test_logits_are_fp32_under_autocast():
+    m = random_model("qwen2").eval()
+    ids = torch.randint(3, 300, (2, 6))
+    with torch.no_grad():
+        ref = m(ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = m.forward_hidden(ids)
+            z = m.logits(h)
+            zb = m.lm_head(h)  # what autocast alone would give
+    assert z.dtype == torch.float32 and zb.dtype == torch.bfloat16
+    torch.testing.assert_close(z, h.float() @ m.lm_head.weight.t(), atol=1e-5, rtol=1e-5)  # no bf16 rounding
+    assert (zb.float() - z).abs().max() > 1e-3  # which autocast alone would have added
+    assert ref.dtype == torch.float32
+
+
 def test_rope_theta_read_from_flat_key_and_from_rope_parameters():
     flat = ModelConfig.from_dict(tiny_config(rope_theta=123.0))
     d = tiny_config()

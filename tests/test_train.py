@@ -265,3 +265,195 @@ def test_plot_one_run_and_several_overlaid(tmp_path):
     assert train.main(["--plot", str(tmp_path / "s1"), "--out", str(tmp_path)]) == str(tmp_path / "curves.png")
     with pytest.raises(SystemExit, match="name a run dir"):
         train.main(["--plot", ","])
+
+
+# ----------------------------------------------------------------------------- reliability (issue 12)
+
+def interrupt_when(monkeypatch, cond):
+    """Make train.score raise KeyboardInterrupt (a Ctrl-C mid-step) whenever cond() holds."""
+    real = getattr(train.score, "real", train.score)
+
+    def score(run, examples, texts):
+        if cond():
+            raise KeyboardInterrupt
+        return real(run, examples, texts)
+    score.real = real
+    monkeypatch.setattr(train, "score", score)
+
+
+def test_resume_twice_across_checkpoint_rotation(tiny_ckpt, data_dir, tmp_path, toy_task, monkeypatch):
+    # keep-last 1 deletes the checkpoint a run resumed from; later checkpoints must still be complete model dirs
+    flags = ["--task", "toy", "--steps", "6", "--save-every", "1", "--keep-last", "1", "--eval-every", "0"]
+    full, out = tmp_path / "full", tmp_path / "run"
+    train.main([*flags, *args(tiny_ckpt, data_dir, full)])
+    interrupt_when(monkeypatch, lambda: os.path.exists(out / "step-2"))  # Ctrl-C in step 3
+    with pytest.raises(SystemExit):
+        train.main([*flags, *args(tiny_ckpt, data_dir, out)])
+    interrupt_when(monkeypatch, lambda: os.path.exists(out / "step-4"))  # Ctrl-C in step 5, after a resume
+    with pytest.raises(SystemExit):
+        train.main(["--resume", str(out)])
+    assert sorted(os.listdir(out / "step-4")) == sorted(["config.json", "generation_config.json", "model.safetensors",
+                                                          "tokenizer.json", "trainer_state.pt"])
+    assert not os.path.exists(out / "step-2")  # the checkpoint resumed from was rotated away
+    interrupt_when(monkeypatch, lambda: False)
+    train.main(["--resume", str(out)])
+    tok = open(os.path.join(tiny_ckpt, "tokenizer.json"), "rb").read()
+    assert open(out / "step-6" / "tokenizer.json", "rb").read() == tok
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5, 6]
+    assert without_timing(metrics(out)[4:]) == without_timing(metrics(full)[4:])  # the third segment
+
+
+def test_checkpoint_without_tokenizer_is_never_resumed(tiny_ckpt, data_dir, tmp_path, toy_task):
+    out = tmp_path / "run"
+    train.main(["--task", "toy", "--steps", "2", "--save-every", "1", "--keep-last", "5", *args(tiny_ckpt, data_dir, out)])
+    os.remove(out / "step-2" / "tokenizer.json")  # e.g. written by the old code after a rotation
+    assert train.checkpoints(str(out)) == [str(out / "step-1")]
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        train.read_tokenizer_files(str(out / "step-2"))
+    os.remove(out / "step-1" / "tokenizer.json")
+    with pytest.raises(SystemExit, match="no complete checkpoint there"):
+        train.main(["--resume", str(out)])
+
+
+def test_abbreviated_flag_overrides_the_saved_config_on_resume(tiny_ckpt, data_dir, tmp_path, toy_task):
+    out = tmp_path / "run"
+    train.main(["--task", "toy", "--steps", "1", *args(tiny_ckpt, data_dir, out)])
+    assert train.parse_args(["--max-new", "5", "--gro=3"])[1] == {"max_new_tokens", "group_size"}
+    train.main(["--resume", str(out), "--steps", "2", "--max-new", "5"])  # argparse expands it to --max-new-tokens
+    state = torch.load(out / "step-2" / "trainer_state.pt", weights_only=False)
+    assert state["config"]["max_new_tokens"] == 5 and metrics(out)[1]["len_max"] <= 5
+
+
+def test_bf16_autocast_on_cpu_is_exact_at_step_one_and_trains(tiny_ckpt, data_dir, tmp_path, toy_task, monkeypatch):
+    # --dtype bf16 runs on CPU the mixed-precision code CUDA runs: sampler, log-probs, loss, optimizer, checkpoint
+    seen = []
+    real = train.token_logprobs
+    monkeypatch.setattr(train, "token_logprobs", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    out = tmp_path / "bf16"
+    log = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: log.append(" ".join(map(str, a))))
+    train.main(["--task", "toy", "--steps", "2", "--dtype", "bf16", *args(tiny_ckpt, data_dir, out)])
+    assert any("bf16 autocast; reference model: loaded (fp32 weights)" in l for l in log)
+    rows = metrics(out)
+    assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0  # same weights, same dtype, same autocast: k3 exactly 0
+    assert seen and all(lp.dtype == torch.float32 for lp in seen)
+    ours = Transformer.from_pretrained(str(out / "step-2"))
+    assert all(p.dtype == torch.float32 for p in ours.parameters())  # fp32 master weights in the checkpoint
+    init = Transformer.from_pretrained(tiny_ckpt)
+    assert any(not torch.equal(a, b) for a, b in zip(ours.parameters(), init.parameters()))
+
+
+def test_reference_in_bf16_would_not_be_exact(tiny_ckpt):
+    # why the reference keeps the policy's fp32 weights: a bf16 copy under the same autocast gives k3 != 0
+    from grpo import k3, token_logprobs
+    pol = Transformer.from_pretrained(tiny_ckpt)
+    ref16 = Transformer.from_pretrained(tiny_ckpt, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    pid, cid = torch.randint(3, 300, (4, 7), generator=g), torch.randint(3, 300, (4, 6), generator=g)
+    pm, cm = torch.ones_like(pid, dtype=torch.bool), torch.ones_like(cid, dtype=torch.bool)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a = token_logprobs(pol, pid, pm, cid, cm)
+        b = token_logprobs(Transformer.from_pretrained(tiny_ckpt), pid, pm, cid, cm)
+        c = token_logprobs(ref16, pid, pm, cid, cm)
+    assert torch.equal(a, b) and k3(a, b).max() == 0
+    assert k3(a, c).max() > 0
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Bad settings must be refused before data, tokenizer or model load: any load here fails the test."""
+    def boom(*a, **k):
+        raise AssertionError("loaded something before refusing the settings")
+    monkeypatch.setattr(train.Transformer, "from_pretrained", classmethod(boom))
+    monkeypatch.setattr(train, "Tokenizer", boom)
+    for name in list(train.TASKS):
+        monkeypatch.setattr(train.TASKS[name], "load", boom)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--save-every", "0"], "--save-every must be >= 1, got 0"),
+    (["--keep-last", "0"], "--keep-last must be >= 1, got 0"),
+    (["--group-size", "1"], "--group-size must be >= 2, got 1: GRPO's advantage"),
+    (["--top-p", "0"], r"--top-p must be in \(0, 1\], got 0.0"),
+    (["--lr=-1e-3"], "--lr must be > 0, got -0.001"),
+    (["--lr", "nan"], "--lr must be > 0, got nan"),
+    (["--beta=-1"], "--beta must be >= 0"),
+    (["--eps-low", "1.5"], r"--eps-low must be in \[0, 1\)"),
+    (["--device", "tpu0"], "--device 'tpu0' is not a device: use cuda, cuda:N, cpu or mps"),
+    (["--eval-only", "--resume", "x"], "--eval-only evaluates --model"),
+])
+def test_bad_settings_are_one_line_before_anything_loads(tmp_path, nothing_loads, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        train.main(["--out", str(tmp_path / "r"), *flags])
+
+
+def test_unusable_out_dir_and_missing_cuda_before_anything_loads(tmp_path, nothing_loads):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="--out .*file: exists and is not a directory"):
+        train.main(["--out", str(tmp_path / "file")])
+    with pytest.raises(SystemExit, match="--out .*file/run: cannot write there"):
+        train.main(["--out", str(tmp_path / "file" / "run")])
+    if os.getuid() != 0:  # root writes through permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        with pytest.raises(SystemExit, match="cannot write there"):
+            train.main(["--out", str(ro / "run")])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--device cuda: CUDA is not available here"):
+            train.main(["--out", str(tmp_path / "r"), "--device", "cuda"])
+
+
+def test_config_missing_a_key_names_file_and_key(tiny_ckpt, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_ckpt, bad)
+    cfg = json.load(open(bad / "config.json"))
+    del cfg["hidden_size"]
+    json.dump(cfg, open(bad / "config.json", "w"))
+    with pytest.raises(ValueError, match=r"bad/config.json: missing required key 'hidden_size'"):
+        Transformer.from_pretrained(str(bad))
+
+
+def test_resume_after_the_base_model_moved_names_the_reference(tiny_ckpt, data_dir, tmp_path, toy_task):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_ckpt, base)
+    out = tmp_path / "run"
+    train.main(["--task", "toy", "--steps", "1", *args(str(base), data_dir, out)])
+    shutil.move(base, tmp_path / "moved")
+    with pytest.raises(SystemExit, match=r"the reference model \(the run's initial weights, --model\): .*base: model "
+                                         r"directory not found.*pass --model NEW_PATH with --resume"):
+        train.main(["--resume", str(out), "--steps", "2"])
+    train.main(["--resume", str(out), "--steps", "2", "--model", str(tmp_path / "moved")])
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tiny_ckpt, data_dir, tmp_path, toy_task, monkeypatch, capsys):
+    out = tmp_path / "run"
+    interrupt_when(monkeypatch, lambda: os.path.exists(out / "step-2"))  # Ctrl-C in step 3
+    with pytest.raises(SystemExit) as e:
+        train.main(["--task", "toy", "--steps", "4", "--save-every", "2", *args(tiny_ckpt, data_dir, out)])
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert err == f"train.py: interrupted at step 3; {out}/step-2 is complete. Resume with: python train.py --resume {out}\n"
+    interrupt_when(monkeypatch, lambda: True)  # before the first checkpoint: nothing to resume
+    with pytest.raises(SystemExit) as e:
+        train.main(["--task", "toy", "--steps", "4", "--save-every", "2", *args(tiny_ckpt, data_dir, tmp_path / "new")])
+    assert e.value.code == 130 and "before the first checkpoint (step 2); nothing to resume" in capsys.readouterr().err
+    interrupt_when(monkeypatch, lambda: False)
+    train.main(["--resume", str(out)])
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+
+
+def test_checkpoint_files_honour_the_umask(tiny_ckpt, tmp_path):
+    old = os.umask(0o022)
+    try:
+        Transformer.from_pretrained(tiny_ckpt).save_pretrained(str(tmp_path / "m"))
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "m" / "model.safetensors").st_mode & 0o777 == 0o644  # safetensors alone gives 0600
+
+
+def test_help_shows_each_default_once():
+    r = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    text = " ".join(r.stdout.split())
+    assert "(default: )" not in text and "(default: None)" not in text
+    assert "empty: cuda if available, else cpu" in text
