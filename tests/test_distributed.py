@@ -16,12 +16,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # train.py with a task whose reward varies between random completions (so the tiny model gets a real gradient)
 LAUNCHER = f"""
+import os
 import sys
 sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, "tests")!r}]
 import train
 from test_train import chars_near_20
 g = train.TASKS["gsm8k"]
 train.TASKS["toy"] = train.Task(g.load, g.prompt, [(1.0, chars_near_20)], g.metrics)
+if os.environ.get("NAN_RANK") == os.environ.get("RANK", "0"):  # a non-finite loss on this rank only
+    real = train.grpo_loss
+    train.grpo_loss = lambda *a, **k: (lambda loss, st: (loss * float("nan"), st))(*real(*a, **k))
+if os.environ.get("RAISE_RANK") == os.environ.get("RANK", "0"):  # a reward function that raises on this rank only
+    def broken(completion, **_):
+        raise KeyError("gold")
+    train.TASKS["toy"] = train.Task(g.load, g.prompt, [(1.0, broken)], g.metrics)
 train.main(sys.argv[1:])
 """
 
@@ -37,7 +45,7 @@ def setup(tmp_path_factory, tiny_ckpt):
     return d, tiny_ckpt
 
 
-def run(setup, out, nproc, *extra):
+def run(setup, out, nproc, *extra, env_extra=None, ok=True):
     d, ckpt = setup
     flags = ["--task", "toy", "--model", ckpt, "--data-dir", str(d), "--out", str(out), "--prompts-per-step", "4",
              "--group-size", "4", "--max-new-tokens", "10", "--eval-n", "5", "--eval-batch", "2", "--lr", "1e-2",
@@ -45,7 +53,7 @@ def run(setup, out, nproc, *extra):
     launch = [sys.executable, str(d / "launch.py")] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(d / "launch.py")]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    p = subprocess.Popen(launch + flags, cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+    p = subprocess.Popen(launch + flags, cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1", **(env_extra or {})), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         log, _ = p.communicate(timeout=120)
@@ -53,6 +61,8 @@ def run(setup, out, nproc, *extra):
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)  # leave no rank behind
             p.wait()
+    if not ok:
+        return p.returncode, log
     assert p.returncode == 0, log
     return log
 
@@ -100,3 +110,15 @@ def test_two_ranks_equal_one_process_and_resume_in_one_rank(setup, tmp_path):
 def test_indivisible_prompts_per_step_is_a_clear_error(setup, tmp_path):
     with pytest.raises(AssertionError, match="--prompts-per-step 3 is not divisible by the 2 ranks"):
         run(setup, tmp_path / "x", 2, "--steps", "1", "--prompts-per-step", "3")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"NAN_RANK": "1"}, "rank 1 of 2 failed at step 1: non-finite loss nan"),
+    ({"RAISE_RANK": "0"}, "rank 0 of 2 failed at step 1: KeyError: 'gold' (traceback above)"),
+])
+def test_one_rank_failing_ends_every_rank_with_its_message(setup, tmp_path, env, message):
+    # without fail_together the failing rank exits and the other waits in all_reduce (or torchrun kills it
+    # silently); here both reach the same check, and each exits non-zero with the same line
+    rc, log = run(setup, tmp_path / "x", 2, "--steps", "2", "--eval-n", "1", env_extra=env, ok=False)
+    assert rc != 0
+    assert log.count("train.py: error: " + message) == 2, log  # printed by both ranks
