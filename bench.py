@@ -5,6 +5,7 @@
     python bench.py sampler --random-init configs/qwen2.5-0.5b-instruct.json --device cuda --dtype bfloat16
     python bench.py trl-step --model DIR                    # TRL GRPOTrainer seconds per optimizer step (CPU, fp32)
     python bench.py step --model DIR                        # train.py's step time against TRL's, same shape
+    python bench.py amp --model DIR                         # train.py's step: --dtype fp32 against bf16 autocast
 
 The sampler table counts completion tokens only: those inside the completion mask, i.e. up to and including each
 row's first stop token (or all N when a row is truncated), the same rule for every implementation.
@@ -421,8 +422,8 @@ def compare_with_trl(cfg, ours_seconds):
 
 # ----------------------------------------------------------------------------- our train step vs TRL's
 
-def cmd_step(cfg):
-    """Median seconds per train.py step (whole step: sample, reward, ref log-probs, update) against TRL's."""
+def train_steps(cfg, dtype="fp32"):
+    """train.py's metrics.jsonl rows of cfg.trl_steps + 1 steps on cfg.model (the first is a warm-up)."""
     import train
     examples = [{"i": i} for i in range(cfg.num_prompts)]
 
@@ -438,15 +439,46 @@ def cmd_step(cfg):
                     "--prompts-per-step", str(cfg.num_prompts), "--group-size", str(cfg.group_size),
                     "--max-new-tokens", str(cfg.max_new_tokens), "--temperature", str(cfg.temperature),
                     "--beta", str(cfg.beta), "--lr", "1e-6", "--eval-n", "0", "--save-every", "1000000",
-                    "--micro-batch", str(cfg.num_prompts * cfg.group_size), "--device", cfg.device])
-        rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+                    "--micro-batch", str(cfg.num_prompts * cfg.group_size), "--device", cfg.device,
+                    "--dtype", dtype])
+        return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def cmd_step(cfg):
+    """Median seconds per train.py step (whole step: sample, reward, ref log-probs, update) against TRL's."""
+    rows = train_steps(cfg)
     secs = statistics.median(r["step_s"] for r in rows[1:])  # step 1 is the warm-up, as for TRL
     print(f"ours: step seconds (first is warm-up) {[round(r['step_s'], 2) for r in rows]}, "
           f"mean completion length {[round(r['len_mean'], 1) for r in rows]}")
     compare_with_trl(cfg, secs)
 
 
-COMMANDS = {"sampler": cmd_sampler, "trl-step": cmd_trl_step, "step": cmd_step}
+def cpu_flags():
+    """The CPU's bf16-relevant instruction sets (Linux): whether bf16 autocast can be fast depends on them."""
+    try:
+        flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags) or "none"
+
+
+def cmd_amp(cfg):
+    """train.py's step with --dtype fp32 against --dtype bf16 (autocast over fp32 weights), same model, same run."""
+    print(f"cpu flags: {cpu_flags()}")
+    res = {}
+    for dtype in ("fp32", "bf16"):
+        rows = train_steps(cfg, dtype)
+        res[dtype] = {k: statistics.median(r[k] for r in rows[1:]) for k in ("step_s", "sample_s", "train_s")}
+        print(f"{dtype}: step seconds {[round(r['step_s'], 2) for r in rows]} (first is warm-up), step-1 kl "
+              f"{rows[0]['kl']}, mean completion length {[round(r['len_mean'], 1) for r in rows]}")
+    f, b = res["fp32"], res["bf16"]
+    print(f"RESULT amp step fp32={f['step_s']:.3f}s bf16={b['step_s']:.3f}s bf16_speedup={f['step_s'] / b['step_s']:.2f}x "
+          f"(sample {f['sample_s'] / b['sample_s']:.2f}x, train {f['train_s'] / b['train_s']:.2f}x)")
+    # completions differ between the two (other rounding, other samples), so compare per completion token as well
+    return res
+
+
+COMMANDS = {"sampler": cmd_sampler, "trl-step": cmd_trl_step, "step": cmd_step, "amp": cmd_amp}
 
 
 def main(argv=None):

@@ -105,7 +105,7 @@ class TrainConfig:
                      "fp32 on CPU; see the dtype policy at the top of train.py)", choices=("auto", "bf16", "fp32"))
     # ---- evaluation, checkpoints, logging
     eval_every: int = arg(50, "evaluate every this many steps (0 = only at start and end)")
-    eval_n: int = arg(1319, "test problems per evaluation (greedy pass@1)")
+    eval_n: int = arg(1319, "test problems per evaluation (greedy pass@1; 0 = no evaluation)")
     eval_batch: int = arg(64, "prompts per evaluation generate call")
     save_every: int = arg(50, "checkpoint every this many steps (and at the end)")
     keep_last: int = arg(2, "checkpoints to keep (older ones are deleted once a newer one is complete)")
@@ -282,13 +282,13 @@ def plot(run_dirs, out=""):
         return None
     dirs = [d for d in run_dirs.split(",") if d]
     if not dirs:
-        raise SystemExit(f"train.py: error: --plot {run_dirs!r}: name a run dir, or several joined by commas")
+        die(f"--plot {run_dirs!r}: name a run dir, or several joined by commas")
     out = os.path.join(out, "curves.png") if out and os.path.isdir(out) else out
     fig, ax = plt.subplots(2, 2, figsize=(11, 7))
     for n, d in enumerate(dirs):
         rows, evals = read_jsonl(os.path.join(d, "metrics.jsonl")), read_jsonl(os.path.join(d, "eval.jsonl"))
         if not rows:
-            raise SystemExit(f"train.py: error: --plot {d}: no metrics.jsonl there")
+            die(f"--plot {d}: no metrics.jsonl there (a run dir holds one once its first step is done)")
         s, name = [r["step"] for r in rows], os.path.basename(os.path.normpath(d))
         one = len(dirs) == 1  # one run: every reward function and accuracy; several: one colour per run
         c = None if one else f"C{n}"
@@ -314,7 +314,10 @@ def plot(run_dirs, out=""):
             a.legend(fontsize=7)
     fig.tight_layout()
     out = out or os.path.join(dirs[0], "curves.png")
-    fig.savefig(out, dpi=110)
+    try:
+        fig.savefig(out, dpi=110)
+    except OSError as e:
+        die(f"--plot: cannot write {out} ({e.strerror or e})")
     print(f"plot: wrote {out}")
     return out
 
@@ -381,11 +384,11 @@ def check_settings(cfg, world):
         die(f"unknown task {cfg.task!r}; known: {', '.join(TASKS)}")
     if cfg.prompts_per_step % world:
         die(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by the {world} ranks")
-    for name in ("steps", "prompts_per_step", "max_new_tokens", "mu", "micro_batch", "eval_batch", "eval_n",
-                 "logprob_chunk", "save_every", "keep_last"):
+    for name in ("steps", "prompts_per_step", "max_new_tokens", "mu", "micro_batch", "eval_batch", "logprob_chunk",
+                 "save_every", "keep_last"):
         if getattr(cfg, name) < 1:
             die(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("warmup_steps", "eval_every", "print_every", "top_k", "weight_decay", "grad_clip", "beta", "adv_eps"):
+    for name in ("eval_n", "warmup_steps", "eval_every", "print_every", "top_k", "weight_decay", "grad_clip", "beta", "adv_eps"):
         if not getattr(cfg, name) >= 0:  # `not >=` also refuses NaN
             die(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.group_size < 2:
@@ -708,6 +711,8 @@ def print_step(run, step, metrics, t_run, texts, per_fn):
 
 def run_eval(run, step):
     """Evaluate greedily on the test split; eval.jsonl gets the scores, eval/step-N.jsonl every completion."""
+    if run.cfg.eval_n == 0:  # --eval-n 0: no evaluation at all (benchmarks, quick checks)
+        return None
     run.log(f"eval step {step}: {min(run.cfg.eval_n, len(run.test))} test problems, greedy, "
             f"up to {run.cfg.max_new_tokens} new tokens")
     # greedy, so the score is a property of the weights alone, not of a sampling seed

@@ -265,6 +265,11 @@ def test_plot_one_run_and_several_overlaid(tmp_path):
     assert train.main(["--plot", str(tmp_path / "s1"), "--out", str(tmp_path)]) == str(tmp_path / "curves.png")
     with pytest.raises(SystemExit, match="name a run dir"):
         train.main(["--plot", ","])
+    (tmp_path / "empty").mkdir()  # a run dir before its first step: no metrics.jsonl yet
+    with pytest.raises(SystemExit, match="empty: no metrics.jsonl there"):
+        train.main(["--plot", str(tmp_path / "empty")])
+    with pytest.raises(SystemExit, match="--plot: cannot write .*nodir/x.png"):
+        train.main(["--plot", str(tmp_path / "s0"), "--out", str(tmp_path / "nodir" / "x.png")])
 
 
 # ----------------------------------------------------------------------------- reliability (issue 12)
