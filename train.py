@@ -18,10 +18,12 @@ bf16 autocast: the sampler, the token log-probs, the reference's and the evaluat
   - the reference model holds the policy's fp32 weights and runs under the same autocast, so at step 1 its
     log-probs are the policy's bit for bit and the KL is exactly 0. A bf16 reference would halve its memory
     (2 bytes per parameter instead of 4: 1 GB for a 0.5B model) but differ from the policy by bf16 rounding of
-    the residual stream, norms and RoPE tables (k3 of 8e-5 on a 2-layer toy at step 1), a KL that is not there;
+    the residual stream, norms and RoPE tables: with SmolLM2-135M, a step-1 k3 of 7.8e-4 per token (log-probs
+    up to 0.23 nats apart), a KL that is not there;
   - lm_head and log_softmax run in fp32 (model.logits, grpo._chunk_logprobs): bf16 logits round by up to 0.125
-    above 16, log-probs by ~0.1 nats, ratio noise as large as the clip range. This costs the (chunk, V) logits'
-    matmul in fp32 and nothing in memory: the fp32 logits existed already, for log_softmax.
+    above 16; with SmolLM2 that moved token log-probs by 0.018 nats on average and up to 0.13 (a ratio of 1.14
+    from rounding alone, against a clip at 1.2). This costs the (chunk, V) logits' matmul in fp32 and nothing in
+    memory: the fp32 logits existed already, for log_softmax.
 Legend: P prompts per rank per step, G group, N = P*G rows, T completion time.
 """
 import argparse
@@ -189,9 +191,15 @@ def dist_device():
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def last_checkpoint(cfg):
+    """What a failed run leaves to resume from, for its last line."""
+    ck = checkpoints(cfg.out)
+    return f"resume from {ck[-1]} with --resume {cfg.out}" if ck else "no checkpoint was written yet"
+
+
 def oom_advice(cfg, step):
     return (f"out of memory at step {step}: lower --micro-batch (now {cfg.micro_batch}), --max-new-tokens, "
-            f"--group-size or --prompts-per-step, or pass --grad-ckpt. Last checkpoint kept in {cfg.out}")
+            f"--group-size or --prompts-per-step, or pass --grad-ckpt; {last_checkpoint(cfg)}")
 
 
 @contextmanager
@@ -648,7 +656,7 @@ def update(run, step, ro, adv, ref_lp, old_lp):
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"non-finite loss {loss.item()}: {st}; advantages [{adv.min().item():.3g}, "
-                        f"{adv.max().item():.3g}]. Last checkpoint kept in {cfg.out}")
+                        f"{adv.max().item():.3g}]; {last_checkpoint(cfg)}")
                 loss.backward()
                 sums["loss"] += loss.item()
                 for k in ("kl", "ratio", "clip_low", "clip_high"):
@@ -659,7 +667,7 @@ def update(run, step, ro, adv, ref_lp, old_lp):
                 dist.all_reduce(p.grad)
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         if not torch.isfinite(gn):
-            die(f"non-finite grad norm at step {step}. Last checkpoint kept in {cfg.out}")
+            die(f"non-finite grad norm at step {step}; {last_checkpoint(cfg)}")
         opt.step()
         opt.zero_grad(set_to_none=True)
     return sums, gn, lr

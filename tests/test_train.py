@@ -364,15 +364,20 @@ def test_reference_in_bf16_would_not_be_exact(tiny_ckpt):
     assert k3(a, c).max() > 0
 
 
+def forbid_loading(mp, data=True):
+    """Make any model or tokenizer load (and, with data, any dataset load) fail the test."""
+    def boom(*a, **k):
+        raise AssertionError("loaded something before refusing the settings")
+    mp.setattr(train.Transformer, "from_pretrained", classmethod(boom))
+    mp.setattr(train, "Tokenizer", boom)
+    for name in list(train.TASKS) if data else []:
+        mp.setattr(train.TASKS[name], "load", boom)
+
+
 @pytest.fixture
 def nothing_loads(monkeypatch):
     """Bad settings must be refused before data, tokenizer or model load: any load here fails the test."""
-    def boom(*a, **k):
-        raise AssertionError("loaded something before refusing the settings")
-    monkeypatch.setattr(train.Transformer, "from_pretrained", classmethod(boom))
-    monkeypatch.setattr(train, "Tokenizer", boom)
-    for name in list(train.TASKS):
-        monkeypatch.setattr(train.TASKS[name], "load", boom)
+    forbid_loading(monkeypatch)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -418,14 +423,16 @@ def test_config_missing_a_key_names_file_and_key(tiny_ckpt, tmp_path):
         Transformer.from_pretrained(str(bad))
 
 
-def test_resume_after_the_base_model_moved_names_the_reference(tiny_ckpt, data_dir, tmp_path, toy_task):
+def test_resume_after_the_base_model_moved_names_the_reference(tiny_ckpt, data_dir, tmp_path, toy_task, monkeypatch):
     base = tmp_path / "base"
     shutil.copytree(tiny_ckpt, base)
     out = tmp_path / "run"
     train.main(["--task", "toy", "--steps", "1", *args(str(base), data_dir, out)])
     shutil.move(base, tmp_path / "moved")
-    with pytest.raises(SystemExit, match=r"the reference model \(the run's initial weights, --model\): .*base: model "
-                                         r"directory not found.*pass --model NEW_PATH with --resume"):
+    with monkeypatch.context() as mp, pytest.raises(
+            SystemExit, match=r"the reference model \(the run's initial weights, --model\): .*base: model "
+                              r"directory not found.*pass --model NEW_PATH with --resume"):
+        forbid_loading(mp, data=False)  # found out before the policy (from the checkpoint) loads
         train.main(["--resume", str(out), "--steps", "2"])
     train.main(["--resume", str(out), "--steps", "2", "--model", str(tmp_path / "moved")])
     assert [m["step"] for m in metrics(out)] == [1, 2]
