@@ -326,6 +326,8 @@ def plot(run_dirs, out=""):
         fig.savefig(out, dpi=110)
     except OSError as e:
         die(f"--plot: cannot write {out} ({e.strerror or e})")
+    finally:
+        plt.close(fig)
     print(f"plot: wrote {out}")
     return out
 
