@@ -217,10 +217,14 @@ def fail_together(run, step):
         yield
     except (Exception, SystemExit) as e:
         err = e
-    known = isinstance(err, (FloatingPointError, torch.OutOfMemoryError, SystemExit))
-    msg = None if err is None else oom_advice(run.cfg, step) if isinstance(err, torch.OutOfMemoryError) else \
-        str(err.code).removeprefix("train.py: error: ") if isinstance(err, SystemExit) else \
-        str(err) if known else f"{type(err).__name__}: {err} (traceback above)"
+    # known failures get their one line; anything else is a bug, whose traceback is printed where it happened
+    known, msg = isinstance(err, (FloatingPointError, torch.OutOfMemoryError, SystemExit)), None
+    if isinstance(err, torch.OutOfMemoryError):
+        msg = oom_advice(run.cfg, step)
+    elif isinstance(err, SystemExit):  # a die() inside the block
+        msg = str(err.code).removeprefix("train.py: error: ")
+    elif err is not None:
+        msg = str(err) if known else f"{type(err).__name__}: {err} (traceback above)"
     if run.world > 1:
         if err is not None and not known:
             traceback.print_exception(err)  # on the rank that failed, before every rank exits
