@@ -140,6 +140,14 @@ class KVCache:
         self.valid = self.valid[idx]  # (B', S)
 
 
+# Devices where SDPA gets k/v repeated to H heads instead of enable_gqa when there is a mask. On CUDA a mask with
+# enable_gqa leaves only SDPA's math kernel, which materialises B x H x T x S fp32 scores (several GB for
+# Qwen2.5-0.5B at micro-batch 8); transformers passes enable_gqa only without a mask for this reason. On CPU the
+# fused kernel takes enable_gqa with a mask, and repeating was 3-4x slower per decode attention call (SmolLM2's
+# shape, B=16, S=300), so CPU keeps enable_gqa. Same result either way (tests/test_model.py).
+REPEAT_KV_WITH_MASK = {"cuda"}
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -170,14 +178,13 @@ class Attention(nn.Module):
             # functional, not a cache write: a new tensor, so autograd reaches the past's producer through it
             k = torch.cat([past[0], k], 2)  # (B, K, S0+T, D)
             v = torch.cat([past[1], v], 2)  # (B, K, S0+T, D)
-        # mask None means plain causal with T == S; otherwise an explicit (B, 1, T, S) bool mask. With a mask,
-        # enable_gqa leaves CUDA only SDPA's math kernel (B x H x T x S fp32 scores), so k/v are repeated to H
-        # heads there instead (query head h reads kv head h // (H/K), as enable_gqa and HF's repeat_kv do).
-        if mask is not None and self.K != self.H:
-            k = k.repeat_interleave(self.H // self.K, dim=1)  # (B, H, S, D)
+        # mask None means plain causal with T == S; otherwise an explicit (B, 1, T, S) bool mask
+        gqa = self.K != self.H
+        if gqa and mask is not None and q.device.type in REPEAT_KV_WITH_MASK:
+            k = k.repeat_interleave(self.H // self.K, dim=1)  # (B, H, S, D): head h reads kv head h // (H/K)
             v = v.repeat_interleave(self.H // self.K, dim=1)  # (B, H, S, D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=mask is None and self.K != self.H)
+            gqa = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         y = self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))  # (B, T, C)
         return (y, kv) if return_kv else y
 
@@ -347,9 +354,7 @@ class Transformer(nn.Module):
         raw["dtype"] = raw["torch_dtype"]
         tmp = os.path.join(out_dir, ".model.safetensors.tmp")
         save_file(state, tmp, metadata={"format": "pt"})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; a checkpoint is read by vLLM, colleagues: as open()
+        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors creates 0600; vLLM or a colleague must read it, as open()
         os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
         write_json_atomic(os.path.join(out_dir, "config.json"), raw)
 
@@ -362,6 +367,17 @@ def read_json(path):
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def current_umask():
+    """The process umask, read without changing it where Linux says it (os.umask alone must set it to read it)."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(l for l in f if l.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def write_json_atomic(path, obj):

@@ -239,6 +239,7 @@ def test_masked_attention_repeats_kv_and_equals_enable_gqa(monkeypatch, family):
 
     spy = []
     import model as M
+    monkeypatch.setattr(M, "REPEAT_KV_WITH_MASK", {"cuda", "cpu"})  # CUDA's path, run here
     real = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(M.F, "scaled_dot_product_attention",
                         lambda *a, **k: spy.append((k.get("attn_mask") is not None, k.get("enable_gqa"))) or real(*a, **k))
