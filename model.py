@@ -390,13 +390,18 @@ def write_json_atomic(path, obj):
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt", "*.model"]
 
 
+def is_hub_id(path_or_repo_id):
+    """True for 'org/name' that is not a local path: resolve_checkpoint would download it."""
+    s = os.path.expanduser(str(path_or_repo_id))
+    return not (s.startswith((os.sep, ".", "~")) or s.count("/") != 1 or os.path.exists(s))
+
+
 def resolve_checkpoint(path_or_repo_id):
     """A local directory as is; 'org/name' is downloaded from the Hugging Face Hub (weights, configs, tokenizer)."""
     s = os.path.expanduser(str(path_or_repo_id))
     if os.path.isdir(s):
         return s
-    looks_like_path = s.startswith((os.sep, ".", "~")) or s.count("/") != 1 or os.path.exists(s)
-    if looks_like_path:
+    if not is_hub_id(s):
         raise FileNotFoundError(f"{path_or_repo_id}: model directory not found (and not a hub repo id 'org/name')")
     try:
         from huggingface_hub import snapshot_download

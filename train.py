@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from grpo import LOSS_TYPES, group_advantages, grpo_loss, loss_normalizer, token_logprobs
-from model import Transformer, resolve_checkpoint
+from model import Transformer, is_hub_id, resolve_checkpoint
 from rewards import combine
 from sample import generate
 from tasks import TASKS, Task, TaskError, parse_options, prompt_text  # noqa: F401 (Task: for forkers and tests)
@@ -226,15 +226,24 @@ def fail_together(run, step):
     elif err is not None:
         msg = str(err) if known else f"{type(err).__name__}: {err} (traceback above)"
     if run.world > 1:
-        if err is not None and not known:
-            traceback.print_exception(err)  # on the rank that failed, before every rank exits
+        if err is not None:
+            if not known:
+                traceback.print_exception(err)  # on the rank that failed, before every rank exits
+            traceback.clear_frames(err.__traceback__)  # free the failed stage's tensors: after an OOM, the
+            if run.device.type == "cuda":                # exchange below must not run out of memory itself
+                torch.cuda.empty_cache()
         flag = torch.tensor([msg is not None], dtype=torch.int32, device=dist_device())
         dist.all_reduce(flag)  # how many ranks failed
         if flag.item():
             msgs = [None] * run.world
             dist.all_gather_object(msgs, msg)
             r = next(i for i, m in enumerate(msgs) if m is not None)
-            die(f"rank {r} of {run.world} failed at step {step}: {msgs[r]}")
+            # every rank prints, then waits for the others, so that none exits (and has torchrun stop the rest)
+            # before all have said why
+            print(f"train.py: error: rank {r} of {run.world} failed at step {step}: {msgs[r]}", file=sys.stderr,
+                  flush=True)
+            dist.barrier()
+            raise SystemExit(1)
     elif err is not None:
         if not known:
             raise err
@@ -402,7 +411,7 @@ def check_settings(cfg, world):
                  "save_every", "keep_last"):
         if getattr(cfg, name) < 1:
             die(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("eval_n", "warmup_steps", "eval_every", "print_every", "top_k", "weight_decay", "grad_clip", "beta", "adv_eps"):
+    for name in ("seed", "eval_n", "warmup_steps", "eval_every", "print_every", "top_k", "weight_decay", "grad_clip", "beta", "adv_eps"):
         if not getattr(cfg, name) >= 0:  # `not >=` also refuses NaN
             die(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.group_size < 2:
@@ -422,6 +431,8 @@ def check_settings(cfg, world):
         die(f"--eps-low must be in [0, 1) and --eps-high >= 0, got {cfg.eps_low} and {cfg.eps_high}")
     if cfg.resume and cfg.eval_only:
         die("--eval-only evaluates --model; to evaluate a run's checkpoint pass --model RUN/step-N")
+    if cfg.eval_only and cfg.eval_n == 0:
+        die("--eval-only with --eval-n 0 would evaluate nothing")
     try:
         return parse_options(cfg.task, cfg.task_opts)
     except TaskError as e:
@@ -444,6 +455,9 @@ def pick_device(cfg, world):
             die(f"--device {cfg.device}: CUDA is not available here (this torch {torch.__version__} is "
                 f"{'built with CUDA ' + torch.version.cuda + ' but finds no GPU' if torch.version.cuda else 'a CPU-only build'}); "
                 "use --device cpu")
+        if world > 1 and device.index is not None:
+            die(f"--device {cfg.device}: under torchrun pass --device cuda, and each rank takes its own GPU "
+                "(LOCAL_RANK)")
         if device.index is None:  # torchrun: one GPU per rank
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         if device.index >= torch.cuda.device_count():
@@ -469,6 +483,17 @@ def check_out_dir(out):
         die(f"--out {out}: cannot write there ({e.strerror})")
 
 
+def resolve_model(cfg, resumed):
+    """--model as a local dir (downloaded if a hub id), or one line saying which model could not be found."""
+    try:
+        return resolve_checkpoint(cfg.model)
+    except OSError as e:
+        if resumed:  # the policy comes from the checkpoint; --model is the reference, and it may have moved
+            die(f"the reference model (the run's initial weights, --model): {e}; if it moved, pass --model NEW_PATH "
+                "with --resume")
+        die(f"--model: {e}")
+
+
 def setup(cfg, given):
     """Every check of the settings, resume, distributed init, then data, tokenizer, models and optimizer."""
     # torchrun sets RANK/WORLD_SIZE; each rank takes P/world prompts of every step
@@ -484,7 +509,8 @@ def setup(cfg, given):
         if not ck:
             die(f"--resume {cfg.resume}: no complete checkpoint there (a step-N/ dir holding {', '.join(CHECKPOINT_FILES)})")
         try:
-            state = torch.load(os.path.join(ck[-1], "trainer_state.pt"), map_location="cpu", weights_only=False)
+            state = torch.load(os.path.join(ck[-1], "trainer_state.pt"), map_location="cpu", weights_only=False,
+                               mmap=True)  # the config is read now, Adam's moments only when loaded
         except Exception as e:  # a truncated or foreign file: name it
             die(f"--resume {cfg.resume}: cannot read {ck[-1]}/trainer_state.pt ({type(e).__name__}: {e})")
         saved = TrainConfig(**{k: v for k, v in state["config"].items() if k in {f.name for f in fields(TrainConfig)}})
@@ -500,14 +526,22 @@ def setup(cfg, given):
     if rank == 0:
         check_out_dir(cfg.out)
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    # the policy starts from the resumed checkpoint, the reference from --model (the initial weights, also on
+    # resume). A local --model is found now, before any data loads; a hub id after, as it is a download.
+    need_ref = cfg.beta != 0 and not cfg.eval_only
+    need_model = need_ref or not state
+    model_dir = resolve_model(cfg, state) if need_model and not is_hub_id(cfg.model) else None
     if state:
         log(f"resuming {cfg.out} from {ck[-1]} (step {start})")
 
     # ---- distributed: every rank has passed the same checks above, so none is left waiting here
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        out = [cfg.out]
+        dist.broadcast_object_list(out, src=0)  # rank 0's run dir: a default name holds a timestamp per rank
+        cfg.out = out[0]
     torch.manual_seed(cfg.seed + rank)
 
     # ---- data, tokenizer, policy, and (only when beta > 0) the frozen reference
@@ -515,16 +549,7 @@ def setup(cfg, given):
         train, test = TASKS[cfg.task].load(cfg.data_dir, cfg.cache_dir, **opts)
     except TaskError as e:
         die(str(e))
-    # the policy starts from the resumed checkpoint, the reference from --model (the initial weights, also on
-    # resume): a resumed run whose --model has moved is told that this is what failed
-    need_ref = cfg.beta != 0 and not cfg.eval_only
-    try:
-        model_dir = resolve_checkpoint(cfg.model) if need_ref or not state else None
-    except OSError as e:
-        if state:
-            die(f"the reference model (the run's initial weights, --model): {e}; if it moved, pass --model NEW_PATH "
-                "with --resume")
-        die(f"--model: {e}")
+    model_dir = resolve_model(cfg, state) if need_model and is_hub_id(cfg.model) else model_dir  # a download
     src = ck[-1] if state else model_dir
     try:
         tok = Tokenizer(src)
@@ -661,7 +686,7 @@ def update(run, step, ro, adv, ref_lp, old_lp):
                                      None if ref_lp is None else ref_lp[sl], cfg.beta, cfg.eps_low, cfg.eps_high)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
-                        f"non-finite loss {loss.item()}: {st}; advantages [{adv.min().item():.3g}, "
+                        f"non-finite loss {loss.item()} at step {step}: {st}; advantages [{adv.min().item():.3g}, "
                         f"{adv.max().item():.3g}]; {last_checkpoint(cfg)}")
                 loss.backward()
                 sums["loss"] += loss.item()
@@ -671,11 +696,12 @@ def update(run, step, ro, adv, ref_lp, old_lp):
         if run.world > 1:  # summed, not averaged: each rank's loss already carries the global normaliser
             for p in model.parameters():
                 dist.all_reduce(p.grad)
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        if not torch.isfinite(gn):
-            die(f"non-finite grad norm at step {step}; {last_checkpoint(cfg)}")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with fail_together(run, step):  # Adam's first step allocates its state: a likely place to run out of memory
+            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            if not torch.isfinite(gn):  # the same on every rank: the gradients were all-reduced
+                die(f"non-finite grad norm at step {step}; {last_checkpoint(cfg)}")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     return sums, gn, lr
 
 
@@ -825,7 +851,8 @@ def interrupted(run, step):
     else:
         msg = (f"interrupted at step {step}, before the first checkpoint (step "
                f"{min(run.cfg.save_every, run.cfg.steps)}); nothing to resume, start again")
-    print(f"train.py: {msg}", file=sys.stderr, flush=True)
+    if run is None or run.rank == 0:
+        print(f"train.py: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(130)
 
 

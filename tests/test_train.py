@@ -226,11 +226,12 @@ def test_arith_task_trains_end_to_end_with_options(tiny_ckpt, tmp_path):
     assert first["index"] == 0
 
 
-def test_bad_task_options_fail_before_loading(tiny_ckpt, tmp_path):
+def test_bad_task_options_fail_before_loading(tiny_ckpt, tmp_path, monkeypatch):
+    forbid_loading(monkeypatch, data=False)
     with pytest.raises(SystemExit, match="bad task option 'depth=3' for arith"):
-        train.main(["--task", "arith", "--task-opts", "depth=3", *args(str(tmp_path / "no-model"), "", tmp_path / "r")])
+        train.main(["--task", "arith", "--task-opts", "depth=3", *args(tiny_ckpt, "", tmp_path / "r")])
     with pytest.raises(SystemExit, match="arith: digits must be 1..9, got 0"):
-        train.main(["--task", "arith", "--task-opts", "digits=0", *args(str(tmp_path / "no-model"), "", tmp_path / "r")])
+        train.main(["--task", "arith", "--task-opts", "digits=0", *args(tiny_ckpt, "", tmp_path / "r")])
 
 
 def test_offline_gsm8k_without_data_says_how_to_pass_data_dir(tiny_ckpt, tmp_path, monkeypatch):
@@ -331,9 +332,12 @@ def test_abbreviated_flag_overrides_the_saved_config_on_resume(tiny_ckpt, data_d
 
 def test_bf16_autocast_on_cpu_is_exact_at_step_one_and_trains(tiny_ckpt, data_dir, tmp_path, toy_task, monkeypatch):
     # --dtype bf16 runs on CPU the mixed-precision code CUDA runs: sampler, log-probs, loss, optimizer, checkpoint
-    seen = []
-    real = train.token_logprobs
-    monkeypatch.setattr(train, "token_logprobs", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    seen = []  # (autocast on?, the log-probs) of every token_logprobs and generate call
+    real_lp, real_gen = train.token_logprobs, train.generate
+    monkeypatch.setattr(train, "token_logprobs", lambda *a, **k: seen.append(
+        ("logprobs", torch.is_autocast_enabled("cpu"), real_lp(*a, **k))) or seen[-1][2])
+    monkeypatch.setattr(train, "generate", lambda *a, **k: seen.append(
+        ("generate", torch.is_autocast_enabled("cpu"), real_gen(*a, **k))) or seen[-1][2])
     out = tmp_path / "bf16"
     log = []
     monkeypatch.setattr("builtins.print", lambda *a, **k: log.append(" ".join(map(str, a))))
@@ -341,7 +345,10 @@ def test_bf16_autocast_on_cpu_is_exact_at_step_one_and_trains(tiny_ckpt, data_di
     assert any("bf16 autocast; reference model: loaded (fp32 weights)" in l for l in log)
     rows = metrics(out)
     assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0  # same weights, same dtype, same autocast: k3 exactly 0
-    assert seen and all(lp.dtype == torch.float32 for lp in seen)
+    # sampling, the policy's and the reference's log-probs, and evaluation all ran under bf16 autocast
+    assert {k for k, _, _ in seen} == {"logprobs", "generate"} and all(on for _, on, _ in seen)
+    assert all(x.dtype == torch.float32 for k, _, x in seen if k == "logprobs")
+    assert all(x.logprobs.dtype == torch.float32 for k, _, x in seen if k == "generate")
     ours = Transformer.from_pretrained(str(out / "step-2"))
     assert all(p.dtype == torch.float32 for p in ours.parameters())  # fp32 master weights in the checkpoint
     init = Transformer.from_pretrained(tiny_ckpt)
@@ -391,6 +398,9 @@ def nothing_loads(monkeypatch):
     (["--eps-low", "1.5"], r"--eps-low must be in \[0, 1\)"),
     (["--device", "tpu0"], "--device 'tpu0' is not a device: use cuda, cuda:N, cpu or mps"),
     (["--eval-only", "--resume", "x"], "--eval-only evaluates --model"),
+    (["--eval-only", "--eval-n", "0"], "--eval-only with --eval-n 0 would evaluate nothing"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--model", "/nonexistent/model"], "--model: /nonexistent/model: model directory not found"),
 ])
 def test_bad_settings_are_one_line_before_anything_loads(tmp_path, nothing_loads, flags, message):
     with pytest.raises(SystemExit, match=message):
