@@ -229,9 +229,9 @@ def fail_together(run, step):
         if err is not None:
             if not known:
                 traceback.print_exception(err)  # on the rank that failed, before every rank exits
-            traceback.clear_frames(err.__traceback__)  # free the failed stage's tensors: after an OOM, the
-            if run.device.type == "cuda":                # exchange below must not run out of memory itself
-                torch.cuda.empty_cache()
+            # free the failed stage's tensors (its frames' locals) back to the allocator: after an OOM, the
+            # exchange below must not run out of memory itself
+            traceback.clear_frames(err.__traceback__)
         flag = torch.tensor([msg is not None], dtype=torch.int32, device=dist_device())
         dist.all_reduce(flag)  # how many ranks failed
         if flag.item():
