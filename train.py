@@ -411,7 +411,8 @@ def check_settings(cfg, world):
                  "save_every", "keep_last"):
         if getattr(cfg, name) < 1:
             die(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("seed", "eval_n", "warmup_steps", "eval_every", "print_every", "top_k", "weight_decay", "grad_clip", "beta", "adv_eps"):
+    for name in ("seed", "eval_n", "warmup_steps", "eval_every", "print_every", "top_k", "weight_decay", "grad_clip",
+                 "beta", "adv_eps"):
         if not getattr(cfg, name) >= 0:  # `not >=` also refuses NaN
             die(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.group_size < 2:
@@ -452,8 +453,9 @@ def pick_device(cfg, world):
         die(f"--device {cfg.device!r}: only cuda, cpu and mps are supported")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            die(f"--device {cfg.device}: CUDA is not available here (this torch {torch.__version__} is "
-                f"{'built with CUDA ' + torch.version.cuda + ' but finds no GPU' if torch.version.cuda else 'a CPU-only build'}); "
+            build = f"built with CUDA {torch.version.cuda}, but finds no GPU" if torch.version.cuda else \
+                "a CPU-only build"
+            die(f"--device {cfg.device}: CUDA is not available here (this torch {torch.__version__} is {build}); "
                 "use --device cpu")
         if world > 1 and device.index is not None:
             die(f"--device {cfg.device}: under torchrun pass --device cuda, and each rank takes its own GPU "
@@ -507,7 +509,8 @@ def setup(cfg, given):
             die(f"--resume {cfg.resume}: no such run dir")
         ck = checkpoints(cfg.resume)
         if not ck:
-            die(f"--resume {cfg.resume}: no complete checkpoint there (a step-N/ dir holding {', '.join(CHECKPOINT_FILES)})")
+            die(f"--resume {cfg.resume}: no complete checkpoint there (a step-N/ dir holding "
+                f"{', '.join(CHECKPOINT_FILES)})")
         try:
             state = torch.load(os.path.join(ck[-1], "trainer_state.pt"), map_location="cpu", weights_only=False,
                                mmap=True)  # the config is read now, Adam's moments only when loaded
