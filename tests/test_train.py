@@ -295,6 +295,8 @@ def test_resume_twice_across_checkpoint_rotation(tiny_ckpt, data_dir, tmp_path, 
     interrupt_when(monkeypatch, lambda: os.path.exists(out / "step-2"))  # Ctrl-C in step 3
     with pytest.raises(SystemExit):
         train.main([*flags, *args(tiny_ckpt, data_dir, out)])
+    assert sorted(os.listdir(out / "step-2")) == sorted(["config.json", "generation_config.json", "model.safetensors",
+                                                          "tokenizer.json", "trainer_state.pt"])
     interrupt_when(monkeypatch, lambda: os.path.exists(out / "step-4"))  # Ctrl-C in step 5, after a resume
     with pytest.raises(SystemExit):
         train.main(["--resume", str(out)])
