@@ -94,12 +94,15 @@ def packed_linears(model, rows, enable=True):
     cost one more copy of the weights while open and a reorder (about 0.2 s for 135M parameters) per call, so they
     always reflect the current weights. Nothing happens on other devices, other dtypes, under autocast, or with
     enable=False (generate's compile=True: inductor lowers oneDNN-packed weights only as frozen constants).
+    A LoRA layer (lora.py) is packed with its merged weight W + (alpha / r) B A, so it keeps the packed speed and
+    computes what its forward computes in eval mode, up to rounding (tests/test_lora.py).
     """
     dev, patched = model.lm_head.weight.device, []
     if enable and dev.type == "cpu" and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu"):
         for mod in model.modules():
             if isinstance(mod, nn.Linear) and mod.weight.dtype == torch.float32:
-                w = torch.ops.mkldnn._reorder_linear_weight(mod.weight.detach(), rows)  # (out, in), oneDNN layout
+                w = getattr(mod, "merged_weight", lambda: mod.weight)().detach()  # (out, in)
+                w = torch.ops.mkldnn._reorder_linear_weight(w, rows)  # (out, in), oneDNN layout
                 mod.forward = lambda x, w=w, b=mod.bias: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], None)
                 patched.append(mod)
     try:

@@ -1,0 +1,145 @@
+"""lora.py: exact base model when fresh or switched off, only adapters train, merge, PEFT's format both ways,
+the sampler's packed merged weights, and the errors."""
+import json
+import os
+
+import pytest
+import torch
+
+import lora
+from conftest import random_model, write_checkpoint
+from model import Transformer
+from sample import generate
+
+
+def trained(m, steps=3, lr=0.05, seed=0):
+    """A few SGD steps on a random loss, so the adapters are non-zero (B starts at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        ids = torch.randint(3, 300, (2, 8), generator=g)
+        m(ids).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return m
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3"])
+def test_fresh_adapter_is_bit_identical_and_switched_off_is_the_base(family):
+    base = random_model(family).eval()
+    ids = torch.randint(3, 300, (2, 9))
+    with torch.no_grad():
+        want = base(ids)
+    m = lora.add_lora(random_model(family), 4, 8.0).eval()
+    assert len(lora.lora_layers(m)) == 7 * m.config.num_hidden_layers
+    with torch.no_grad():
+        assert torch.equal(m(ids), want)  # B = 0: y = W x + b + 0 exactly
+    trained(m.train())
+    m.eval()
+    with torch.no_grad():
+        assert not torch.allclose(m(ids), want)  # the adapters learned something
+        with lora.adapters_off(m):
+            assert torch.equal(m(ids), want)  # and switched off they are gone, bit for bit
+        assert not torch.allclose(m(ids), want)  # and back on afterwards
+
+
+def test_only_adapters_get_gradients_and_change():
+    m = lora.add_lora(random_model("qwen2"), 4, 8.0, targets=("q_proj", "v_proj"))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    trained(m, steps=1)
+    for name, p in m.named_parameters():
+        assert p.requires_grad == (".lora_" in name), name
+    for k, v in m.state_dict().items():
+        changed = not torch.equal(v, before[k])
+        if ".lora_B" in k:
+            assert changed, k  # B got a gradient (A's is zero at step 1, as B is)
+        elif ".lora_" not in k:
+            assert not changed, k  # base weights bit-identical
+    assert {n.rsplit(".", 1)[-1] for n, _ in lora.lora_layers(m)} == {"q_proj", "v_proj"}
+    assert not any("lm_head.lora" in k or "embed_tokens.lora" in k for k in m.state_dict())
+
+
+def test_merged_model_equals_adapted_and_merges_once():
+    m = trained(lora.add_lora(random_model("llama"), 8, 16.0)).eval()
+    ids = torch.randint(3, 300, (2, 7))
+    with torch.no_grad():
+        want = m(ids)
+        lora.merge(m)
+        assert not lora.lora_layers(m) and not any(".lora_" in k for k in m.state_dict())
+        torch.testing.assert_close(m(ids), want, atol=1e-5, rtol=1e-5)
+    lora.merge(m)  # nothing left to fold: a no-op
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), want, atol=1e-5, rtol=1e-5)
+
+
+def test_sampler_packs_the_merged_weights_and_samples_from_the_adapted_model(monkeypatch):
+    m = trained(lora.add_lora(random_model("qwen2"), 4, 8.0), lr=0.2).eval()
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    packed = generate(m, prompts, 3, 8, 1.0, generator=0)  # CPU: LoRA layers packed with W + s B A
+    with lora.adapters_off(m):
+        base = generate(m, prompts, 3, 8, 1.0, generator=0)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)  # no packing: each layer's forward
+    unpacked = generate(m, prompts, 3, 8, 1.0, generator=0)
+    assert torch.equal(packed.completion_ids, unpacked.completion_ids)
+    torch.testing.assert_close(packed.logprobs, unpacked.logprobs, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(base.logprobs, packed.logprobs)  # the adapters really are in the rollout
+
+
+def test_peft_loads_ours_and_we_load_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    tr = pytest.importorskip("transformers")
+    base_dir = write_checkpoint(str(tmp_path / "base"), "qwen2", tied=True)
+    ours = trained(lora.add_lora(Transformer.from_pretrained(base_dir), 4, 8.0)).eval()
+    lora.save_adapter(ours, str(tmp_path / "ours"), base_dir)
+    cfg = json.load(open(tmp_path / "ours" / "adapter_config.json"))
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["r"] == 4 and cfg["bias"] == "none"
+    ids = torch.randint(3, 300, (2, 9))
+    hf = tr.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    theirs = peft.PeftModel.from_pretrained(hf, str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
+
+    # PEFT writes an adapter (its own init, then perturbed B so it is not a no-op); we load it
+    hf2 = tr.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    pm = peft.get_peft_model(hf2, peft.LoraConfig(r=2, lora_alpha=6, target_modules=["k_proj", "up_proj"],
+                                                  task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    ours2 = lora.load_adapter(Transformer.from_pretrained(base_dir), str(tmp_path / "peft")).eval()
+    assert {n.rsplit(".", 1)[-1] for n, _ in lora.lora_layers(ours2)} == {"k_proj", "up_proj"}
+    with torch.no_grad():
+        torch.testing.assert_close(ours2(ids), pm.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+    # and our own save round-trips through load_adapted (base from the config)
+    again = lora.load_adapted(str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids), ours(ids))
+
+
+def test_errors(tmp_path):
+    for kw, msg in ((dict(r=0, alpha=8.0), "rank must be an integer >= 1"),
+                    (dict(r=4, alpha=0.0), "alpha must be > 0"),
+                    (dict(r=4, alpha=8.0, targets=("q_proj", "lm_head")), "'lm_head' is not one of q_proj"),
+                    (dict(r=4, alpha=8.0, targets=()), "target '\\(none\\)'"),
+                    (dict(r=4, alpha=8.0, dropout=1.0), "dropout must be in")):
+        with pytest.raises(ValueError, match=msg):
+            lora.add_lora(random_model("qwen2"), **kw)
+    m = lora.add_lora(random_model("qwen2"), 4, 8.0)
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        lora.add_lora(m, 4, 8.0)
+    lora.save_adapter(m, str(tmp_path / "a"), "x")
+    # an adapter whose base model does not match: other shapes
+    with pytest.raises(ValueError, match="has shape .* the adapter was trained on another base model"):
+        lora.load_adapter(random_model("qwen2", hidden_size=32, intermediate_size=48), str(tmp_path / "a"))
+    cfg = json.load(open(tmp_path / "a" / "adapter_config.json"))
+    json.dump(dict(cfg, use_dora=True), open(tmp_path / "a" / "adapter_config.json", "w"))
+    with pytest.raises(ValueError, match="use_dora=True is not supported"):
+        lora.load_adapter(random_model("qwen2"), str(tmp_path / "a"))
+    json.dump(dict(cfg, peft_type="IA3"), open(tmp_path / "a" / "adapter_config.json", "w"))
+    with pytest.raises(ValueError, match="peft_type 'IA3' is not LORA"):
+        lora.load_adapter(random_model("qwen2"), str(tmp_path / "a"))
+    os.remove(tmp_path / "a" / "adapter_config.json")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json: file not found"):
+        lora.load_adapter(random_model("qwen2"), str(tmp_path / "a"))
