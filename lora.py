@@ -12,7 +12,6 @@ weights still load and save as before, and an adapter tensor's PEFT name is its 
 `base_model.model.` (PEFT drops the adapter name "default" on save): no rename table.
 Legend: r rank, I in features, O out features, L layers.
 """
-import json
 import math
 import os
 from contextlib import contextmanager

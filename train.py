@@ -27,7 +27,9 @@ bf16 autocast: the sampler, the token log-probs, the reference's and the evaluat
 Legend: P prompts per rank per step, G group, N = P*G rows, T completion time.
 """
 import argparse
+import copy
 import glob
+import itertools
 import json
 import math
 import os
@@ -43,6 +45,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import lora
 from grpo import LOSS_TYPES, group_advantages, grpo_loss, loss_normalizer, token_logprobs
 from model import Transformer, is_hub_id, resolve_checkpoint
 from rewards import combine
@@ -98,6 +101,11 @@ class TrainConfig:
     adv_unbiased_std: bool = arg(True, "Bessel-corrected std for advantages (np.std if off)")
     adv_eps: float = arg(1e-4, "added to the std of advantages")
     mu: int = arg(1, "update passes (optimizer steps) per batch of rollouts")
+    # ---- LoRA (lora.py): train low-rank adapters only; the KL reference is the policy with its adapters off
+    lora_rank: int = arg(0, "LoRA rank r (0 = full fine-tuning)")
+    lora_alpha: float = arg(32.0, "LoRA alpha: the update is scaled by alpha / r")
+    lora_dropout: float = arg(0.0, "dropout on the adapters' input while training")
+    lora_targets: str = arg(",".join(lora.TARGETS), "comma-separated module names to adapt (never lm_head or embeddings)")
     # ---- memory and speed: none of these changes what is computed, only how
     micro_batch: int = arg(8, "rows per forward/backward; changes memory, not the gradient")
     logprob_chunk: int = arg(1024, "tokens per lm_head/log_softmax chunk")
@@ -252,7 +260,8 @@ def fail_together(run, step):
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
                    "special_tokens_map.json", "vocab.json", "merges.txt")
-CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt")  # a complete step-N/
+CHECKPOINT_FILES = ("tokenizer.json", "trainer_state.pt")  # a complete step-N/ holds these, and either
+WEIGHT_FILES = (("config.json", "model.safetensors"), (lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS))  # pair
 
 
 def read_tokenizer_files(src):
@@ -270,9 +279,11 @@ def read_tokenizer_files(src):
 
 
 def checkpoints(run_dir):
-    """Complete checkpoint dirs of a run, oldest first: renamed into place, and holding every CHECKPOINT_FILES."""
-    ck = [d for d in glob.glob(os.path.join(run_dir, "step-*"))
-          if d.rsplit("-", 1)[1].isdigit() and all(os.path.isfile(os.path.join(d, f)) for f in CHECKPOINT_FILES)]
+    """Complete checkpoint dirs of a run, oldest first: renamed into place, holding every CHECKPOINT_FILES and the
+    weights (a Hugging Face model, or with LoRA a PEFT adapter)."""
+    has = lambda d, names: all(os.path.isfile(os.path.join(d, f)) for f in names)  # noqa: E731
+    ck = [d for d in glob.glob(os.path.join(run_dir, "step-*")) if d.rsplit("-", 1)[1].isdigit()
+          and has(d, CHECKPOINT_FILES) and any(has(d, pair) for pair in WEIGHT_FILES)]
     return sorted(ck, key=lambda d: int(d.rsplit("-", 1)[1]))
 
 
@@ -400,6 +411,10 @@ class Run:
     log: object  # print on rank 0, a no-op elsewhere
 
 
+def lora_targets(cfg):
+    return tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+
+
 def check_settings(cfg, world):
     """Every setting that can be checked without loading anything; dies with one line naming the first bad one."""
     # A bad flag costs one line now, not a traceback after minutes of loading, sampling or the step-0 eval.
@@ -434,6 +449,11 @@ def check_settings(cfg, world):
         die("--eval-only evaluates --model; to evaluate a run's checkpoint pass --model RUN/step-N")
     if cfg.eval_only and cfg.eval_n == 0:
         die("--eval-only with --eval-n 0 would evaluate nothing")
+    if cfg.lora_rank:
+        try:
+            lora.check_settings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, lora_targets(cfg))
+        except ValueError as e:
+            die(f"--lora-*: {e}")
     try:
         return parse_options(cfg.task, cfg.task_opts)
     except TaskError as e:
@@ -485,6 +505,18 @@ def check_out_dir(out):
         die(f"--out {out}: cannot write there ({e.strerror})")
 
 
+def trainable(model):
+    """The parameters the optimizer updates: all of them, or with LoRA the adapters only."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def load_model(path, device):
+    """A Hugging Face model dir, or a PEFT LoRA adapter dir (ours: step-N/ of a LoRA run) merged into its base."""
+    if os.path.isfile(os.path.join(path, lora.ADAPTER_CONFIG)):
+        return lora.merge(lora.load_adapted(path, device=device)).requires_grad_(True)
+    return Transformer.from_pretrained(path, device=device)
+
+
 def resolve_model(cfg, resumed):
     """--model as a local dir (downloaded if a hub id), or one line saying which model could not be found."""
     try:
@@ -510,7 +542,7 @@ def setup(cfg, given):
         ck = checkpoints(cfg.resume)
         if not ck:
             die(f"--resume {cfg.resume}: no complete checkpoint there (a step-N/ dir holding "
-                f"{', '.join(CHECKPOINT_FILES)})")
+                f"{', '.join(CHECKPOINT_FILES)} and a model or a LoRA adapter)")
         try:
             state = torch.load(os.path.join(ck[-1], "trainer_state.pt"), map_location="cpu", weights_only=False,
                                mmap=True)  # the config is read now, Adam's moments only when loaded
@@ -531,10 +563,15 @@ def setup(cfg, given):
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
     # the policy starts from the resumed checkpoint, the reference from --model (the initial weights, also on
     # resume). A local --model is found now, before any data loads; a hub id after, as it is a download.
-    need_ref = cfg.beta != 0 and not cfg.eval_only
-    need_model = need_ref or not state
+    # With LoRA the policy is always --model plus the adapters (fresh, or the checkpoint's), and the reference is
+    # the same model with its adapters off: no second model.
+    need_ref = cfg.beta != 0 and not cfg.eval_only and not cfg.lora_rank
+    need_model = need_ref or not state or bool(cfg.lora_rank)
     model_dir = resolve_model(cfg, state) if need_model and not is_hub_id(cfg.model) else None
     if state:
+        if bool(cfg.lora_rank) != os.path.isfile(os.path.join(ck[-1], lora.ADAPTER_CONFIG)):
+            die(f"--resume {cfg.resume}: {ck[-1]} is {'a LoRA adapter' if not cfg.lora_rank else 'a full model'}; "
+                f"resume it {'with' if not cfg.lora_rank else 'without'} --lora-rank")
         log(f"resuming {cfg.out} from {ck[-1]} (step {start})")
 
     # ---- distributed: every rank has passed the same checks above, so none is left waiting here
@@ -557,21 +594,28 @@ def setup(cfg, given):
     try:
         tok = Tokenizer(src)
         tok_files = read_tokenizer_files(tok.path)
-        model = Transformer.from_pretrained(src, device=device)
+        if cfg.lora_rank:  # the base model's weights, frozen, and trainable adapters on them
+            model = load_model(model_dir, device)
+            if state:
+                lora.load_adapter(model, src)
+            else:
+                lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, lora_targets(cfg))
+        else:
+            model = load_model(src, device)
     except (OSError, ValueError) as e:
         die(f"could not load model {src!r}: {e}")
     ref = None
     if need_ref:  # the policy's fp32 weights, under the same autocast: KL exactly 0 at step 1 (dtype policy)
         try:
-            ref = Transformer.from_pretrained(model_dir, device=device).requires_grad_(False).eval()
+            ref = load_model(model_dir, device).requires_grad_(False).eval()
         except (OSError, ValueError) as e:
             die(f"could not load the reference model {cfg.model!r} (the run's initial weights, --model): {e}")
     model.gradient_checkpointing = cfg.grad_ckpt
     amp = partial(torch.autocast, device.type, dtype=torch.bfloat16) if bf16 else nullcontext
     opt = None
     if not cfg.eval_only:
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
-                                weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(trainable(model), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
+                                weight_decay=cfg.weight_decay)  # with LoRA: the adapters only
     if state:  # Adam's moments and the torch RNG, so the resumed steps equal the uninterrupted ones
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -582,8 +626,11 @@ def setup(cfg, given):
             json.dump(asdict(cfg), f, indent=2)
     log(json.dumps(asdict(cfg)))
     log(f"{len(train)} train / {len(test)} test examples; {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-        f"params on {device} x {world}, {'bf16 autocast' if bf16 else 'fp32'}; reference model: "
-        f"{'loaded (fp32 weights)' if ref else 'none (--eval-only)' if cfg.eval_only else 'none (beta=0)'}")
+        f"params on {device} x {world}, {'bf16 autocast' if bf16 else 'fp32'}; "
+        + (f"LoRA r={cfg.lora_rank} on {cfg.lora_targets}: {sum(p.numel() for p in trainable(model)) / 1e6:.2f}M "
+           "trainable; " if cfg.lora_rank else "")
+        + "reference model: " + ('loaded (fp32 weights)' if ref else 'none (--eval-only)' if cfg.eval_only else
+                                 'none (beta=0)' if cfg.beta == 0 else 'none (LoRA: the policy with its adapters off)'))
     return Run(cfg, TASKS[cfg.task], train, test, tok, tok_files, model, ref, opt, amp, device, rank, world,
                cfg.prompts_per_step // world, start, log)
 
@@ -657,9 +704,13 @@ def reference(run, ro):
     # With mu == 1 pi_old is the policy itself, so the ratio is exp(lp - lp.detach()) == 1 with the right gradient,
     # and no extra forward is needed. The sampler's log-probs are not used as pi_old: under autocast or a
     # different batch make-up they can differ from the trainer's by rounding.
-    mbs = micro_batches(run, ro)
+    mbs, ref_lp = micro_batches(run, ro), None
     with run.amp():
-        ref_lp = torch.cat([logprobs(run, run.ref, ro, sl) for sl in mbs]) if run.ref is not None else None
+        if run.ref is not None:
+            ref_lp = torch.cat([logprobs(run, run.ref, ro, sl) for sl in mbs])
+        elif run.cfg.lora_rank and run.cfg.beta != 0:  # LoRA: the reference is the base model, adapters off
+            with lora.adapters_off(run.model):
+                ref_lp = torch.cat([logprobs(run, run.model, ro, sl) for sl in mbs])
         old_lp = torch.cat([logprobs(run, run.model, ro, sl) for sl in mbs]) if run.cfg.mu > 1 else None
     return ref_lp, old_lp
 
@@ -697,10 +748,10 @@ def update(run, step, ro, adv, ref_lp, old_lp):
                     sums[k] += st[k] * st["tokens"]  # token-weighted, so the logged means are per token
                 sums["tokens"] += st["tokens"]
         if run.world > 1:  # summed, not averaged: each rank's loss already carries the global normaliser
-            for p in model.parameters():
+            for p in trainable(model):
                 dist.all_reduce(p.grad)
         with fail_together(run, step):  # Adam's first step allocates its state: a likely place to run out of memory
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            gn = torch.nn.utils.clip_grad_norm_(trainable(model), cfg.grad_clip or float("inf"))
             if not torch.isfinite(gn):  # the same on every rank: the gradients were all-reduced
                 die(f"non-finite grad norm at step {step}; {last_checkpoint(cfg)}")
             opt.step()
@@ -773,16 +824,24 @@ def run_eval(run, step):
 
 
 def save(run, step):
-    """step-N/ = a Hugging Face model dir + trainer_state.pt, written to a temp dir and renamed into place."""
+    """step-N/ = a Hugging Face model dir (with LoRA: a PEFT adapter dir, and at the end also merged/, the merged
+    Hugging Face model) + the tokenizer + trainer_state.pt, written to a temp dir and renamed into place."""
     # A crash mid-write leaves only .step-N.tmp, which resume ignores; older checkpoints are deleted only once
     # the new one is complete, so there is always one to resume from.
     cfg = run.cfg
     if run.rank == 0:
         final, tmp = os.path.join(cfg.out, f"step-{step}"), os.path.join(cfg.out, f".step-{step}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        run.model.save_pretrained(tmp)
-        for name, data in run.tok_files.items():  # read at start-up (read_tokenizer_files), never from a checkpoint
-            with open(os.path.join(tmp, name), "wb") as f:
+        dirs = [tmp]
+        if cfg.lora_rank:
+            lora.save_adapter(run.model, tmp, cfg.model)
+            if step == cfg.steps:  # the deliverable: a plain model that transformers and vLLM load without peft
+                lora.merge(copy.deepcopy(run.model)).save_pretrained(os.path.join(tmp, "merged"))
+                dirs.append(os.path.join(tmp, "merged"))
+        else:
+            run.model.save_pretrained(tmp)
+        for d, (name, data) in itertools.product(dirs, run.tok_files.items()):  # read once at start-up
+            with open(os.path.join(d, name), "wb") as f:
                 f.write(data)
         torch.save({"step": step, "optimizer": run.opt.state_dict(), "config": asdict(cfg), "world_size": run.world,
                     "data_position": step * cfg.prompts_per_step, "rng": {"torch": torch.get_rng_state()}},

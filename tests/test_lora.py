@@ -143,3 +143,66 @@ def test_errors(tmp_path):
     os.remove(tmp_path / "a" / "adapter_config.json")
     with pytest.raises(FileNotFoundError, match="adapter_config.json: file not found"):
         lora.load_adapter(random_model("qwen2"), str(tmp_path / "a"))
+
+
+# ----------------------------------------------------------------------------- train.py with --lora-rank
+
+def test_train_lora_one_model_checkpoints_merged_export_and_exact_resume(tiny_ckpt, tmp_path, monkeypatch):
+    import shutil
+
+    import train
+    from test_train import args, chars_near_20, metrics, without_timing
+    d = tmp_path / "data"
+    d.mkdir()
+    for split in ("train", "test"):
+        with open(d / f"{split}.jsonl", "w") as f:
+            for i in range(6):
+                f.write(json.dumps({"question": f"What is {i} + {i}?", "answer": f"#### {2 * i}"}) + "\n")
+    g = train.TASKS["gsm8k"]
+    monkeypatch.setitem(train.TASKS, "toy", train.Task(g.load, g.prompt, [(1.0, chars_near_20)], g.metrics))
+    loads = []
+    real = Transformer.from_pretrained.__func__
+    monkeypatch.setattr(Transformer, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a) or real(cls, *a, **k)))
+    out = tmp_path / "run"
+    flags = ["--task", "toy", "--steps", "4", "--save-every", "2", "--keep-last", "5", "--lora-rank", "4",
+             "--lora-alpha", "8", "--lora-targets", "q_proj,v_proj,up_proj", "--beta", "0.04"]
+    train.main([*flags, *args(tiny_ckpt, str(d), out)])
+    assert len(loads) == 1  # beta > 0, yet one model: the reference is the policy with its adapters off
+    full = metrics(out)
+    assert full[0]["kl"] == 0 and full[-1]["kl"] > 0 and full[0]["reward_std"] > 0
+    assert sorted(os.listdir(out / "step-2")) == sorted(["adapter_config.json", "adapter_model.safetensors",
+                                                          "generation_config.json", "tokenizer.json", "trainer_state.pt"])
+    assert {"adapter_config.json", "merged"} <= set(os.listdir(out / "step-4"))
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out / "step-4" / "merged"))
+
+    # the merged export equals the adapted model, and only the adapted layers differ from the base
+    adapted = lora.load_adapted(str(out / "step-4"), base=tiny_ckpt).eval()
+    merged = Transformer.from_pretrained(str(out / "step-4" / "merged")).eval()
+    base = real(Transformer, tiny_ckpt).state_dict()
+    ids = torch.randint(3, 300, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), adapted(ids), atol=1e-5, rtol=1e-5)
+    changed = {k.rsplit(".", 2)[-2] for k, v in merged.state_dict().items() if not torch.equal(v, base[k])}
+    assert changed == {"q_proj", "v_proj", "up_proj"}
+    tr = pytest.importorskip("transformers")
+    hf = tr.AutoModelForCausalLM.from_pretrained(out / "step-4" / "merged", dtype=torch.float32)  # no peft needed
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, merged(ids), atol=1e-4, rtol=1e-4)
+
+    # a crash after step 2: the resumed steps equal the uninterrupted ones
+    shutil.rmtree(out / "step-4")
+    train.main(["--resume", str(out)])
+    assert without_timing(metrics(out)[2:]) == without_timing(full[2:])
+    with pytest.raises(SystemExit, match="is a LoRA adapter; resume it with --lora-rank"):
+        train.main(["--resume", str(out), "--lora-rank", "0"])
+
+
+def test_train_lora_bad_settings_before_loading(tmp_path, monkeypatch):
+    import train
+    from test_train import forbid_loading
+    forbid_loading(monkeypatch)
+    with pytest.raises(SystemExit, match="--lora-\\*: LoRA target 'lm_head' is not one of"):
+        train.main(["--out", str(tmp_path / "r"), "--lora-rank", "8", "--lora-targets", "q_proj,lm_head"])
+    with pytest.raises(SystemExit, match="--lora-\\*: LoRA alpha must be > 0"):
+        train.main(["--out", str(tmp_path / "r"), "--lora-rank", "8", "--lora-alpha", "0"])
