@@ -6,6 +6,7 @@
     python bench.py trl-step --model DIR                    # TRL GRPOTrainer seconds per optimizer step (CPU, fp32)
     python bench.py step --model DIR                        # train.py's step time against TRL's, same shape
     python bench.py amp --model DIR                         # train.py's step: --dtype fp32 against bf16 autocast
+    python bench.py lora --model DIR                        # full fine-tuning vs LoRA r=16 (time, memory); vs TRL+peft
 
 The sampler table counts completion tokens only: those inside the completion mask, i.e. up to and including each
 row's first stop token (or all N when a row is truncated), the same rule for every implementation.
@@ -321,7 +322,8 @@ def resolve_trl_python(trl_python=""):
     return sys.executable if importlib.util.find_spec("trl") is not None else None
 
 
-def time_trl_step(model_dir, P=2, G=8, N=64, beta=0.04, steps=3, threads=None, trl_python="", temperature=0.7):
+def time_trl_step(model_dir, P=2, G=8, N=64, beta=0.04, steps=3, threads=None, trl_python="", temperature=0.7,
+                  lora_rank=0, lora_alpha=32.0):
     """Median seconds per TRL GRPOTrainer optimizer step (P prompts x G completions, after a warm-up), or None.
 
     Runs in a subprocess under the TRL interpreter (see resolve_trl_python), so TRL never enters this process.
@@ -332,7 +334,7 @@ def time_trl_step(model_dir, P=2, G=8, N=64, beta=0.04, steps=3, threads=None, t
         print(f"TRL: skipped (no {TRL_VENV_PYTHON} and this interpreter cannot import trl; see bench.py's docstring)")
         return None
     kwargs = dict(model_dir=os.path.abspath(model_dir), P=P, G=G, N=N, beta=beta, steps=steps, threads=threads,
-                  temperature=temperature)
+                  temperature=temperature, lora_rank=lora_rank, lora_alpha=lora_alpha)
     code = "import json, sys, bench; print('TRL_STEP_SECONDS', bench._trl_step_inprocess(**json.loads(sys.argv[1])))"
     proc = subprocess.run([python, "-c", code, json.dumps(kwargs)], cwd=HERE, capture_output=True, text=True,
                           env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
@@ -344,8 +346,10 @@ def time_trl_step(model_dir, P=2, G=8, N=64, beta=0.04, steps=3, threads=None, t
     raise RuntimeError(f"TRL run under {python} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
-def _trl_step_inprocess(model_dir, P, G, N, beta, steps, threads, temperature):
-    """The body of time_trl_step, run under the TRL interpreter: GRPOTrainer on CPU, fp32, no vLLM, no saving."""
+def _trl_step_inprocess(model_dir, P, G, N, beta, steps, threads, temperature, lora_rank=0, lora_alpha=32.0):
+    """The body of time_trl_step, run under the TRL interpreter: GRPOTrainer on CPU, fp32, no vLLM, no saving;
+    with lora_rank, a peft LoraConfig of that rank on lora.py's default targets (TRL then uses the policy with
+    its adapters disabled as the reference, as train.py does)."""
     import datasets
     import transformers
     import trl
@@ -392,8 +396,14 @@ def _trl_step_inprocess(model_dir, P, G, N, beta, steps, threads, temperature):
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     timer = StepTimer()
+    peft_config = None
+    if lora_rank:
+        import peft
+        from lora import TARGETS
+        peft_config = peft.LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0,
+                                      target_modules=list(TARGETS), task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model, reward_funcs=reward_len, args=args, train_dataset=data,
-                          processing_class=tok, callbacks=[timer])
+                          processing_class=tok, callbacks=[timer], peft_config=peft_config)
     trainer.train()
     assert len(timer.secs) == steps + 1, f"expected {steps + 1} steps, timed {len(timer.secs)}"
     print(f"TRL {trl.__version__}: step seconds (first is warm-up) {[round(s, 2) for s in timer.secs]}, "
@@ -422,7 +432,7 @@ def compare_with_trl(cfg, ours_seconds):
 
 # ----------------------------------------------------------------------------- our train step vs TRL's
 
-def train_steps(cfg, dtype="fp32"):
+def train_steps(cfg, dtype="fp32", extra=()):
     """train.py's metrics.jsonl rows of cfg.trl_steps + 1 steps on cfg.model (the first is a warm-up)."""
     import train
     examples = [{"i": i} for i in range(cfg.num_prompts)]
@@ -440,7 +450,7 @@ def train_steps(cfg, dtype="fp32"):
                     "--max-new-tokens", str(cfg.max_new_tokens), "--temperature", str(cfg.temperature),
                     "--beta", str(cfg.beta), "--lr", "1e-6", "--eval-n", "0", "--save-every", "1000000",
                     "--micro-batch", str(cfg.num_prompts * cfg.group_size), "--device", cfg.device,
-                    "--dtype", dtype])
+                    "--dtype", dtype, *extra])
         return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
 
 
@@ -478,7 +488,54 @@ def cmd_amp(cfg):
     return res
 
 
-COMMANDS = {"sampler": cmd_sampler, "trl-step": cmd_trl_step, "step": cmd_step, "amp": cmd_amp}
+def _lora_child(cfg_json, rank):
+    """One measurement in a fresh process (so its peak RSS is its own): train.py steps, full or LoRA rank r."""
+    import resource
+
+    import lora
+    cfg = BenchConfig(**json.loads(cfg_json))
+    extra = ("--lora-rank", str(rank), "--lora-alpha", str(2 * rank)) if rank else ()
+    rows = train_steps(cfg, "fp32", extra)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    m = Transformer.from_pretrained(cfg.model)  # count what the run held: weights, gradients, Adam's 2 moments
+    n_all = sum(p.numel() for p in m.parameters())
+    n_train = sum(p.numel() for p in lora.add_lora(m, rank, 2.0 * rank).parameters() if p.requires_grad) if rank \
+        else n_all
+    n_adapters = n_train if rank else 0
+    weights = 4 * (n_all + n_adapters + (n_all if cfg.beta and not rank else 0))  # + the reference, full FT only
+    print("LORA_CHILD " + json.dumps({
+        "step_s": statistics.median(r["step_s"] for r in rows[1:]), "rss": rss, "weights": weights,
+        "grads": 4 * n_train, "adam": 8 * n_train, "trainable": n_train, "kl1": rows[0]["kl"]}))
+
+
+def cmd_lora(cfg):
+    """Full fine-tuning against LoRA r=16 (train.py, each in its own process for its peak RSS), and the LoRA step
+    against TRL GRPOTrainer with a peft LoraConfig of the same rank and targets."""
+    res = {}
+    for rank in (0, 16):
+        code = "import sys, bench; bench._lora_child(sys.argv[1], int(sys.argv[2]))"
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(asdict(cfg)), str(rank)], cwd=HERE,
+                              capture_output=True, text=True)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("LORA_CHILD ")), None)
+        if line is None:
+            raise RuntimeError(f"train.py run (lora rank {rank}) failed:\n{proc.stderr[-3000:]}")
+        res[rank] = json.loads(line.split(" ", 1)[1])
+        r = res[rank]
+        print(f"{'LoRA r=16' if rank else 'full FT'}: step {r['step_s']:.2f} s, peak RSS {r['rss'] / 2**30:.2f} GiB, "
+              f"weights {r['weights'] / 2**20:.0f} MiB + grads {r['grads'] / 2**20:.1f} MiB + Adam "
+              f"{r['adam'] / 2**20:.1f} MiB, {r['trainable'] / 1e6:.2f}M trainable, step-1 kl {r['kl1']}")
+    trl_s = time_trl_step(cfg.model, cfg.num_prompts, cfg.group_size, cfg.max_new_tokens, cfg.beta, cfg.trl_steps,
+                          cfg.threads or None, cfg.trl_python, cfg.temperature, lora_rank=16, lora_alpha=32.0)
+    f, l = res[0], res[16]
+    print(f"RESULT lora step full={f['step_s']:.3f}s lora16={l['step_s']:.3f}s lora_speedup={f['step_s'] / l['step_s']:.2f}x "
+          f"rss full={f['rss'] / 2**30:.2f}GiB lora16={l['rss'] / 2**30:.2f}GiB "
+          f"state full={(f['weights'] + f['grads'] + f['adam']) / 2**20:.0f}MiB "
+          f"lora16={(l['weights'] + l['grads'] + l['adam']) / 2**20:.0f}MiB "
+          f"trl_lora16={trl_s or float('nan'):.3f}s vs_trl={(trl_s / l['step_s']) if trl_s else float('nan'):.2f}x")
+    return res
+
+
+COMMANDS = {"sampler": cmd_sampler, "trl-step": cmd_trl_step, "step": cmd_step, "amp": cmd_amp, "lora": cmd_lora}
 
 
 def main(argv=None):
