@@ -159,7 +159,8 @@ def read_adapter_config(adapter_dir):
     if c.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type {c.get('peft_type')!r} is not LORA")
     unsupported = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "bias": "none",
-                   "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
+                   "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+                   "exclude_modules": None, "layer_replication": None, "target_parameters": None, "lora_bias": False}
     for k, ok in unsupported.items():
         if c.get(k, ok) not in (ok, None, {}, [], False):
             raise ValueError(f"{path}: {k}={c[k]!r} is not supported (only plain LoRA)")

@@ -196,6 +196,10 @@ def test_train_lora_one_model_checkpoints_merged_export_and_exact_resume(tiny_ck
     assert without_timing(metrics(out)[2:]) == without_timing(full[2:])
     with pytest.raises(SystemExit, match="is a LoRA adapter; resume it with --lora-rank"):
         train.main(["--resume", str(out), "--lora-rank", "0"])
+    # an adapter checkpoint is a --model: merged into its base (from adapter_config.json) and evaluated
+    train.main(["--eval-only", "--model", str(out / "step-2"), "--data-dir", str(d), "--out", str(tmp_path / "ev"),
+                "--eval-n", "3", "--max-new-tokens", "6"])
+    assert json.loads(open(tmp_path / "ev" / "eval.jsonl").readline())["n"] == 3
 
 
 def test_train_lora_bad_settings_before_loading(tmp_path, monkeypatch):
