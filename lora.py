@@ -30,14 +30,14 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetens
 class LoRALinear(nn.Linear):
     """An nn.Linear (same weight and bias, frozen) plus a trainable low-rank update (alpha / r) B A."""
 
-    def __init__(self, base, r, alpha, dropout=0.0):
+    def __init__(self, base, r, alpha, dropout=0.0, generator=None):
         with torch.device("meta"):  # the base's own tensors are moved in below, nothing is allocated twice
             super().__init__(base.in_features, base.out_features, bias=base.bias is not None)
         self.weight, self.bias = base.weight, base.bias
         dev, dt = base.weight.device, base.weight.dtype
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=dev, dtype=dt)  # weight (r, I)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=dev, dtype=dt)  # weight (O, r)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init_lora_weights=True
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)  # PEFT's default init
         nn.init.zeros_(self.lora_B.weight)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -49,9 +49,9 @@ class LoRALinear(nn.Linear):
             return y
         return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling  # (..., I) -> (..., r) -> (..., O)
 
-    def merged_weight(self):
+    def merged_weight(self, always=False):
         """W + (alpha / r) B A (O, I), as the adapted layer computes it (eval mode); W alone when switched off."""
-        if not self.enabled:
+        if not (self.enabled or always):
             return self.weight
         return self.weight + (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (O, r) @ (r, I)
 
@@ -75,21 +75,27 @@ def check_settings(r, alpha, dropout, targets):
                          "(lm_head and the embeddings are never adapted)")
 
 
-def add_lora(model, r, alpha, dropout=0.0, targets=TARGETS):
+def add_lora(model, r, alpha, dropout=0.0, targets=TARGETS, seed=0, names=None):
     """Replace each target nn.Linear of model (in place) by a LoRALinear and freeze everything else; returns model.
 
-    targets: Hugging Face module names (q_proj, ..., down_proj); every layer's modules of those names are adapted.
+    targets: Hugging Face module names (q_proj, ..., down_proj); every layer's modules of those names are adapted,
+    or with names (full module names, e.g. from a PEFT file) exactly those. seed: the A matrices are drawn from
+    their own generator, so every rank of a torchrun starts with the same adapters, whatever its global RNG.
     """
     targets = tuple(targets)
     check_settings(r, alpha, dropout, targets)
     if lora_layers(model):
         raise ValueError("this model already has LoRA adapters")
+    modules = dict(model.named_modules())
+    for n in sorted(set(names or ()) - set(modules)):
+        raise ValueError(f"module {n!r} does not exist in this model")
     model.requires_grad_(False)
-    for name, mod in list(model.named_modules()):
+    g = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
+    for name, mod in modules.items():
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in targets and type(mod) is nn.Linear:
+        if leaf in targets and type(mod) is nn.Linear and (names is None or name in names):
             parent = model.get_submodule(name.rsplit(".", 1)[0])
-            setattr(parent, leaf, LoRALinear(mod, r, alpha, dropout))
+            setattr(parent, leaf, LoRALinear(mod, r, alpha, dropout, g))
     for _, m in lora_layers(model):
         m.lora_A.weight.requires_grad_(True)
         m.lora_B.weight.requires_grad_(True)
@@ -119,7 +125,7 @@ def merge(model):
     """
     for name, m in lora_layers(model):
         plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-        plain.weight = nn.Parameter(m.merged_weight(), requires_grad=False)  # (O, I)
+        plain.weight = nn.Parameter(m.merged_weight(always=True), requires_grad=False)  # (O, I), also if off
         plain.bias = m.bias
         parent, leaf = (model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[-1])
         setattr(parent, leaf, plain)
@@ -164,6 +170,9 @@ def read_adapter_config(adapter_dir):
     for k, ok in unsupported.items():
         if c.get(k, ok) not in (ok, None, {}, [], False):
             raise ValueError(f"{path}: {k}={c[k]!r} is not supported (only plain LoRA)")
+    if str(c.get("init_lora_weights", True)).lower().startswith(("pissa", "olora", "loftq", "corda")):
+        raise ValueError(f"{path}: init_lora_weights={c['init_lora_weights']!r} changes the base weights; "
+                         "convert it to a plain LoRA adapter with PEFT first")
     targets = c.get("target_modules")
     targets = [targets] if isinstance(targets, str) else list(targets or [])
     return dict(r=c.get("r"), alpha=c.get("lora_alpha"), dropout=c.get("lora_dropout") or 0.0,
@@ -171,21 +180,27 @@ def read_adapter_config(adapter_dir):
 
 
 def load_adapter(model, adapter_dir):
-    """Add the adapters of a PEFT LoRA dir (ours or PEFT's) to model, in place; ValueError on any mismatch."""
+    """Add the adapters of a PEFT LoRA dir (ours or PEFT's) to model, in place; ValueError on any mismatch.
+
+    The layers adapted are those the file holds tensors for, so PEFT's "all-linear", regex or full-name
+    target_modules load too (as long as every adapted layer is one of TARGETS).
+    """
     from safetensors import safe_open
     c = read_adapter_config(adapter_dir)
-    try:
-        add_lora(model, c["r"], c["alpha"], c["dropout"], c["targets"])
-    except ValueError as e:
-        raise ValueError(f"{os.path.join(adapter_dir, ADAPTER_CONFIG)}: {e}") from None
-    expected = {PEFT_PREFIX + k: v for k, v in model.state_dict().items() if ".lora_" in k}
     path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: file not found")
+    with safe_open(path, framework="pt", device="cpu") as f:
+        keys = {k: k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.") for k in f.keys()}
+    names = {n[len(PEFT_PREFIX):].split(".lora_")[0] for n in keys.values() if n.startswith(PEFT_PREFIX)}
+    try:
+        add_lora(model, c["r"], c["alpha"], c["dropout"], sorted({n.rsplit(".", 1)[-1] for n in names}), names=names)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e} (the adapter was trained on another base model?)") from None
+    expected = {PEFT_PREFIX + k: v for k, v in model.state_dict().items() if ".lora_" in k}
     state = {}
     with safe_open(path, framework="pt", device=str(model.lm_head.weight.device)) as f:
-        for k in f.keys():
-            name = k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+        for k, name in keys.items():
             if name not in expected:
                 raise ValueError(f"{path}: tensor {k!r} matches no adapted layer of this model "
                                  f"(targets {', '.join(c['targets'])}, {model.config.num_hidden_layers} layers)")

@@ -99,8 +99,8 @@ def packed_linears(model, rows, enable=True):
     """
     dev, patched = model.lm_head.weight.device, []
     if enable and dev.type == "cpu" and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu"):
-        for mod in model.modules():
-            if isinstance(mod, nn.Linear) and mod.weight.dtype == torch.float32:
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Linear) and mod.weight.dtype == torch.float32 and ".lora_" not in name:
                 w = getattr(mod, "merged_weight", lambda: mod.weight)().detach()  # (out, in)
                 w = torch.ops.mkldnn._reorder_linear_weight(w, rows)  # (out, in), oneDNN layout
                 mod.forward = lambda x, w=w, b=mod.bias: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], None)

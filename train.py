@@ -572,6 +572,12 @@ def setup(cfg, given):
         if bool(cfg.lora_rank) != os.path.isfile(os.path.join(ck[-1], lora.ADAPTER_CONFIG)):
             die(f"--resume {cfg.resume}: {ck[-1]} is {'a LoRA adapter' if not cfg.lora_rank else 'a full model'}; "
                 f"resume it {'with' if not cfg.lora_rank else 'without'} --lora-rank")
+        if cfg.lora_rank:  # the adapter on disk defines the layers and the optimizer's state: no changes now
+            a = lora.read_adapter_config(ck[-1])
+            if (a["r"], float(a["alpha"]), float(a["dropout"]), set(a["targets"])) != \
+                    (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, set(lora_targets(cfg))):
+                die(f"--resume {cfg.resume}: its adapter has r={a['r']}, alpha={a['alpha']}, dropout={a['dropout']}, "
+                    f"targets {','.join(a['targets'])}; LoRA settings cannot change on resume")
         log(f"resuming {cfg.out} from {ck[-1]} (step {start})")
 
     # ---- distributed: every rank has passed the same checks above, so none is left waiting here
@@ -598,8 +604,8 @@ def setup(cfg, given):
             model = load_model(model_dir, device)
             if state:
                 lora.load_adapter(model, src)
-            else:
-                lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, lora_targets(cfg))
+            else:  # seeded apart from the global RNG: every rank starts from the same adapters
+                lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, lora_targets(cfg), cfg.seed)
         else:
             model = load_model(src, device)
     except (OSError, ValueError) as e:
@@ -834,7 +840,8 @@ def save(run, step):
         shutil.rmtree(tmp, ignore_errors=True)
         dirs = [tmp]
         if cfg.lora_rank:
-            lora.save_adapter(run.model, tmp, cfg.model)
+            base = os.path.abspath(cfg.model) if os.path.isdir(cfg.model) else cfg.model  # loadable from anywhere
+            lora.save_adapter(run.model, tmp, base)
             if step == cfg.steps:  # the deliverable: a plain model that transformers and vLLM load without peft
                 lora.merge(copy.deepcopy(run.model)).save_pretrained(os.path.join(tmp, "merged"))
                 dirs.append(os.path.join(tmp, "merged"))

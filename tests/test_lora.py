@@ -43,6 +43,17 @@ def test_fresh_adapter_is_bit_identical_and_switched_off_is_the_base(family):
         assert not torch.allclose(m(ids), want)  # and back on afterwards
 
 
+def test_adapters_are_seeded_apart_from_the_global_rng():
+    # every torchrun rank seeds its global RNG with seed + rank; the adapters must still start equal
+    torch.manual_seed(1)
+    a = lora.add_lora(random_model("qwen2"), 4, 8.0, seed=7).state_dict()
+    torch.manual_seed(2)
+    b = lora.add_lora(random_model("qwen2"), 4, 8.0, seed=7).state_dict()
+    c = lora.add_lora(random_model("qwen2"), 4, 8.0, seed=8).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.layers.0.self_attn.q_proj.lora_A.weight"], c["model.layers.0.self_attn.q_proj.lora_A.weight"])
+
+
 def test_only_adapters_get_gradients_and_change():
     m = lora.add_lora(random_model("qwen2"), 4, 8.0, targets=("q_proj", "v_proj"))
     before = {k: v.clone() for k, v in m.state_dict().items()}
@@ -112,6 +123,18 @@ def test_peft_loads_ours_and_we_load_peft(tmp_path):
     assert {n.rsplit(".", 1)[-1] for n, _ in lora.lora_layers(ours2)} == {"k_proj", "up_proj"}
     with torch.no_grad():
         torch.testing.assert_close(ours2(ids), pm.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+    # PEFT's "all-linear", saved as full module names, loads too (the file's tensors say which layers)
+    hf3 = tr.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    pm3 = peft.get_peft_model(hf3, peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in pm3.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    pm3.save_pretrained(str(tmp_path / "peft-all"))
+    ours3 = lora.load_adapter(Transformer.from_pretrained(base_dir), str(tmp_path / "peft-all")).eval()
+    assert len(lora.lora_layers(ours3)) == 7 * ours3.config.num_hidden_layers
+    with torch.no_grad():
+        torch.testing.assert_close(ours3(ids), pm3.eval()(ids).logits, atol=1e-5, rtol=1e-5)
     # and our own save round-trips through load_adapted (base from the config)
     again = lora.load_adapted(str(tmp_path / "ours")).eval()
     with torch.no_grad():
@@ -190,12 +213,18 @@ def test_train_lora_one_model_checkpoints_merged_export_and_exact_resume(tiny_ck
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, merged(ids), atol=1e-4, rtol=1e-4)
 
-    # a crash after step 2: the resumed steps equal the uninterrupted ones
+    # a crash after step 2: the resumed steps equal the uninterrupted ones, metrics and adapters
+    from safetensors.torch import load_file
+    want = load_file(str(out / "step-4" / "adapter_model.safetensors"))
     shutil.rmtree(out / "step-4")
     train.main(["--resume", str(out)])
     assert without_timing(metrics(out)[2:]) == without_timing(full[2:])
+    got = load_file(str(out / "step-4" / "adapter_model.safetensors"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     with pytest.raises(SystemExit, match="is a LoRA adapter; resume it with --lora-rank"):
         train.main(["--resume", str(out), "--lora-rank", "0"])
+    with pytest.raises(SystemExit, match="its adapter has r=4, alpha=8.0.*LoRA settings cannot change on resume"):
+        train.main(["--resume", str(out), "--lora-rank", "8"])
     # an adapter checkpoint is a --model: merged into its base (from adapter_config.json) and evaluated
     train.main(["--eval-only", "--model", str(out / "step-2"), "--data-dir", str(d), "--out", str(tmp_path / "ev"),
                 "--eval-n", "3", "--max-new-tokens", "6"])
