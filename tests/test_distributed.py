@@ -122,3 +122,19 @@ def test_one_rank_failing_ends_every_rank_with_its_message(setup, tmp_path, env,
     rc, log = run(setup, tmp_path / "x", 2, "--steps", "2", "--eval-n", "1", env_extra=env, ok=False)
     assert rc != 0
     assert log.count("train.py: error: " + message) == 2, log  # printed by both ranks
+
+
+def test_lora_two_ranks_equal_one_process(setup, tmp_path):
+    # the adapters start equal on every rank (seeded apart from the per-rank global RNG), and only they are reduced
+    flags = ("--steps", "1", "--lora-rank", "4", "--lora-alpha", "8", "--eval-n", "1")
+    run(setup, tmp_path / "one", 1, *flags)
+    run(setup, tmp_path / "two", 2, *flags)
+    from safetensors.torch import load_file
+    a = load_file(str(tmp_path / "one" / "step-1" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "step-1" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and any(".lora_B." in k and a[k].abs().max() > 0 for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-4, rtol=0, msg=k)  # lr 1e-2: 2% of Adam's first step
+    for m1, m2 in zip(without_timing(metrics(tmp_path / "one")), without_timing(metrics(tmp_path / "two"))):
+        for k in m1:
+            assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6), k
