@@ -928,6 +928,8 @@ def interrupted(run, step):
 def finish(run):
     """Leave the process group cleanly, so torchrun sees every rank exit 0."""
     if run.world > 1:
+        # together: a rank tearing down gloo while rank 0 still writes its plot was seen to abort at exit
+        dist.barrier()
         dist.destroy_process_group()
 
 

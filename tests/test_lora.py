@@ -110,31 +110,22 @@ def test_peft_loads_ours_and_we_load_peft(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
 
-    # PEFT writes an adapter (its own init, then perturbed B so it is not a no-op); we load it
-    hf2 = tr.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    pm = peft.get_peft_model(hf2, peft.LoraConfig(r=2, lora_alpha=6, target_modules=["k_proj", "up_proj"],
-                                                  task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
-    pm.save_pretrained(str(tmp_path / "peft"))
-    ours2 = lora.load_adapter(Transformer.from_pretrained(base_dir), str(tmp_path / "peft")).eval()
-    assert {n.rsplit(".", 1)[-1] for n, _ in lora.lora_layers(ours2)} == {"k_proj", "up_proj"}
-    with torch.no_grad():
-        torch.testing.assert_close(ours2(ids), pm.eval()(ids).logits, atol=1e-5, rtol=1e-5)
-    # PEFT's "all-linear", saved as full module names, loads too (the file's tensors say which layers)
-    hf3 = tr.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    pm3 = peft.get_peft_model(hf3, peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for n, p in pm3.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
-    pm3.save_pretrained(str(tmp_path / "peft-all"))
-    ours3 = lora.load_adapter(Transformer.from_pretrained(base_dir), str(tmp_path / "peft-all")).eval()
-    assert len(lora.lora_layers(ours3)) == 7 * ours3.config.num_hidden_layers
-    with torch.no_grad():
-        torch.testing.assert_close(ours3(ids), pm3.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+    # PEFT writes adapters (its own init, then B perturbed so they are not no-ops); we load them and give its
+    # logits. "all-linear" is saved as full module names: the file's tensors say which layers are adapted.
+    for name, targets, leaves in (("peft", ["k_proj", "up_proj"], {"k_proj", "up_proj"}),
+                                  ("peft-all", "all-linear", set(lora.TARGETS))):
+        hf2 = tr.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        pm = peft.get_peft_model(hf2, peft.LoraConfig(r=2, lora_alpha=6, target_modules=targets, task_type="CAUSAL_LM"))
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        pm.save_pretrained(str(tmp_path / name))
+        ours2 = lora.load_adapter(Transformer.from_pretrained(base_dir), str(tmp_path / name)).eval()
+        assert {n.rsplit(".", 1)[-1] for n, _ in lora.lora_layers(ours2)} == leaves
+        assert len(lora.lora_layers(ours2)) == len(leaves) * ours2.config.num_hidden_layers
+        with torch.no_grad():
+            torch.testing.assert_close(ours2(ids), pm.eval()(ids).logits, atol=1e-5, rtol=1e-5)
     # and our own save round-trips through load_adapted (base from the config)
     again = lora.load_adapted(str(tmp_path / "ours")).eval()
     with torch.no_grad():
