@@ -6,6 +6,11 @@ A Task bundles
 - rewards: [(weight, fn)], summed into the training reward; fn(completion, prompt=..., **example) -> float;
 - metrics: {name: fn}, 0/1 per completion, reported as accuracy in training and evaluation;
 - options: {knob: default}, set with train.py --task-opts "k=v,k=v" and passed to load.
+A task that is a game (wordle) also has
+- game(example) -> a fresh game (play.py's interface): evaluation plays whole games, greedy (play.py);
+- game_rewards and game_metrics: like rewards and metrics, scored on a whole game (they get its record as `game`),
+  used when the task's option mode is "games": training then plays G whole games per example (play.py);
+- game_summary(records) -> the evaluation's metrics, from the games' records.
 Adding a task = one Task(...) in TASKS (its code here, or in a file of its own that this file imports); train.py
 never changes.
 Every reward also receives `prompt`, the text of all prompt messages, so a reward can refuse a copy of the prompt.
@@ -13,6 +18,8 @@ Bad data or options raise TaskError (a ValueError) with one line naming the prob
 
 Tasks here:
 - gsm8k: grade-school word problems (Cobbe et al. 2021), downloaded once and checked against sha256.
+- wordle: the word game, on word lists shipped in data/wordle (wordle.py); trains on game states (mode=states,
+  the DeepLearning.AI course's way) or on whole games (mode=games); evaluates by playing whole games.
 - arith: generated integer arithmetic ("What is 37 + 48?"), no download. Train and test are disjoint by
   construction: each problem's text is hashed, and the hash alone says on which side it lives. The default,
   2-digit addition, is where a laptop model sits in GRPO's useful range: SmolLM2-135M-Instruct answers 17% of
@@ -29,6 +36,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 import rewards as R
+import wordle as W
 
 
 class TaskError(ValueError):
@@ -42,6 +50,10 @@ class Task:
     rewards: list
     metrics: dict
     options: dict = field(default_factory=dict)
+    game: object = None
+    game_rewards: list = None
+    game_metrics: dict = None
+    game_summary: object = None
 
 
 def prompt_text(messages):
@@ -279,8 +291,65 @@ ARITH_REWARDS = [(1.0, R.correct), (0.1, R.format_strict)]
 
 METRICS = {"acc_strict": R.correct, "acc_lenient": R.correct_lenient}
 
+# ----------------------------------------------------------------------------- wordle (the game: wordle.py)
+
+def wordle_load(data_dir, cache_dir, mode, per_secret, seed):
+    """Train: game states (mode states) or one empty game per secret (mode games); test: one game per test secret.
+
+    The test secrets are in a fixed shuffled order (not the run's seed), so --eval-n 100 takes the same 100 in
+    every run and they are not the alphabet's first. data_dir and cache_dir are unused: the lists ship here.
+    """
+    if data_dir:
+        raise TaskError("wordle reads the word lists shipped in data/wordle; --data-dir is not used by it")
+    if mode not in ("states", "games"):
+        raise TaskError(f"wordle: mode must be states or games, got {mode!r}")
+    if per_secret < 1:
+        raise TaskError(f"wordle: per_secret must be >= 1, got {per_secret}")
+    try:
+        train_secrets, test_secrets, _ = W.word_lists()
+    except ValueError as e:
+        raise TaskError(str(e)) from None
+    test = [{"secret": s, "history": []} for s in random.Random("wordle-test").sample(test_secrets, len(test_secrets))]
+    if mode == "games":
+        return [{"secret": s, "history": []} for s in train_secrets], test
+    return W.states(train_secrets, per_secret, seed), test
+
+
+def wordle_prompt(ex):
+    return W.Game(ex["secret"], ex["history"]).messages()
+
+
+def wordle_game(ex):
+    return W.Game(ex["secret"], ex["history"])
+
+
+def guess_is_word(completion, **_):
+    """1 if the completion's one <guess> is a listed word."""
+    return float(W.valid_guess(completion) is not None)
+
+
+def game_clean(completion, game=None, **_):
+    """1 if every guess of the game was a listed word."""
+    return float(all(t["valid"] for t in game["turns"]))
+
+
+def wordle_summary(records):
+    """Win rate, mean guesses in won games, and per turn: the share of guesses that are not words, and the share
+    in the <guess>WORD</guess> format (one block, 5 letters; a word or not)."""
+    turns = [t for r in records for t in r["turns"]]
+    won = [r["guesses"] for r in records if r["won"]]
+    return {"acc_win": len(won) / max(len(records), 1), "guesses_won": sum(won) / len(won) if won else None,
+            "invalid_rate": sum(not t["valid"] for t in turns) / max(len(turns), 1),
+            "format_rate": sum(R.wordle_format(t["text"]) for t in turns) / max(len(turns), 1)}
+
+
 TASKS = {
     "gsm8k": Task(gsm8k_load, gsm8k_prompt, R.GSM8K_REWARDS, METRICS),
     "arith": Task(arith_load, arith_prompt, ARITH_REWARDS, METRICS,
                   options=dict(digits=2, ops="+", terms=2, train_size=20000, test_size=1000, seed=0)),
+    "wordle": Task(wordle_load, wordle_prompt, W.STATE_REWARDS, {"acc_win": W.STATE_REWARDS[0][1],
+                                                                "acc_word": guess_is_word},
+                   options=dict(mode="states", per_secret=4, seed=0), game=wordle_game,
+                   game_rewards=W.GAME_REWARDS, game_metrics={"acc_win": W.game_win, "acc_word": game_clean},
+                   game_summary=wordle_summary),
 }

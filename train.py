@@ -48,6 +48,7 @@ import torch.distributed as dist
 import lora
 from grpo import LOSS_TYPES, group_advantages, grpo_loss, loss_normalizer, token_logprobs
 from model import Transformer, is_hub_id, resolve_checkpoint
+from play import play
 from rewards import combine
 from sample import generate
 from tasks import TASKS, Task, TaskError, parse_options, prompt_text  # noqa: F401 (Task: for forkers and tests)
@@ -67,8 +68,9 @@ def arg(default, help, **kw):
 @dataclass
 class TrainConfig:
     # ---- what to train, from where, to where
-    task: str = arg("gsm8k", "task to train on (tasks.py: gsm8k, arith)")
-    task_opts: str = arg("", "task options as k=v,k=v (arith: digits=2,ops=+,terms=2,...; see tasks.py)")
+    task: str = arg("gsm8k", "task to train on (tasks.py: gsm8k, arith, wordle)")
+    task_opts: str = arg("", "task options as k=v,k=v (arith: digits=2,ops=+,terms=2,...; wordle: mode=states|games,"
+                         "per_secret=4,seed=0; see tasks.py)")
     model: str = arg("Qwen/Qwen2.5-0.5B-Instruct", "Hugging Face repo id or local checkpoint dir")
     data_dir: str = arg("", "dir with the task's train.jsonl/test.jsonl; empty: download (checksummed) to --cache-dir")
     cache_dir: str = arg("~/.cache/grpo", "where downloaded datasets are kept")
@@ -80,7 +82,7 @@ class TrainConfig:
     steps: int = arg(200, "optimizer steps (x mu)")
     prompts_per_step: int = arg(16, "prompts per step, global across ranks")
     group_size: int = arg(8, "G: completions per prompt")
-    max_new_tokens: int = arg(512, "completion length cap (training and eval)")
+    max_new_tokens: int = arg(512, "completion length cap (training and eval; in a game, per turn)")
     temperature: float = arg(0.7, "sampling temperature for training rollouts")
     top_p: float = arg(1.0, "nucleus sampling mass for rollouts (1 = off)")
     top_k: int = arg(0, "top-k for rollouts (0 = off)")
@@ -388,6 +390,29 @@ def evaluate(model, tok, task, test, cfg, amp, rank, world, log=print):
     return {"n": len(rows), **{k: sum(r[k] for r in rows) / n for k in task.metrics}}, rows
 
 
+@torch.no_grad()
+def evaluate_games(model, tok, task, test, cfg, amp, rank, world, log=print):
+    """Play the first eval_n test games to their end, greedy, eval_batch at a time, sharded across ranks; returns
+    (task.game_summary of the games, one record per game: its secret, turns with the model's text, result)."""
+    total = min(cfg.eval_n, len(test))
+    mine = list(range(rank, total, world))
+    rows, t0 = [], time.time()
+    for s in range(0, len(mine), cfg.eval_batch):
+        idx = mine[s:s + cfg.eval_batch]
+        games = [task.game(test[i]) for i in idx]
+        play(model, tok, games, cfg.max_new_tokens, temperature=0.0, amp=amp)  # one generate call per turn
+        rows += [{"index": i, **g.record()} for i, g in zip(idx, games)]
+        done, dt = len(rows), time.time() - t0
+        summary = " ".join(f"{k} {v:.3f}" for k, v in task.game_summary([r for r in rows]).items() if v is not None)
+        log(f"  eval {min(done * world, total)}/{total} games | {summary} | {dt:.0f} s, ETA "
+            f"{dt / done * (len(mine) - done):.0f} s", flush=True)
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, rows)
+        rows = sorted((r for g in gathered for r in g), key=lambda r: r["index"])
+    return {"n": len(rows), **task.game_summary(rows)}, rows
+
+
 # ----------------------------------------------------------------------------- set-up
 
 @dataclass
@@ -406,6 +431,7 @@ class Run:
     device: torch.device
     rank: int
     world: int
+    games: bool  # train on whole games (a game task with mode=games): play.py's multi-turn rollouts
     P: int  # prompts per rank per step
     start: int  # last completed step (0 for a new run)
     log: object  # print on rank 0, a no-op elsewhere
@@ -637,7 +663,8 @@ def setup(cfg, given):
            "trainable; " if cfg.lora_rank else "")
         + "reference model: " + ('loaded (fp32 weights)' if ref else 'none (--eval-only)' if cfg.eval_only else
                                  'none (beta=0)' if cfg.beta == 0 else 'none (LoRA: the policy with its adapters off)'))
-    return Run(cfg, TASKS[cfg.task], train, test, tok, tok_files, model, ref, opt, amp, device, rank, world,
+    games = TASKS[cfg.task].game is not None and opts.get("mode") == "games"
+    return Run(cfg, TASKS[cfg.task], train, test, tok, tok_files, model, ref, opt, amp, device, rank, world, games,
                cfg.prompts_per_step // world, start, log)
 
 
@@ -655,31 +682,42 @@ def next_prompts(run, step):
 
 
 def rollout(run, examples, pos):
-    """G completions per prompt from the current policy (sample.py): (rollout, decoded texts, seconds sampling)."""
-    cfg = run.cfg
+    """G completions per prompt from the current policy (sample.py), or G whole games per example (play.py):
+    (rollout, decoded texts, seconds sampling, per-row fields for the rewards: {} or {"game": its record})."""
+    cfg, G = run.cfg, run.cfg.group_size
+    run.model.eval()
+    t0 = time.time()
+    if run.games:  # G games per example, played to the end; the trajectory's replies are outside the loss mask
+        games = [run.task.game(ex) for ex in examples for _ in range(G)]
+        # a generator per game, from (seed, data position, game): independent of rank and batch, as below
+        gens = [torch.Generator(run.device).manual_seed(int(np.random.SeedSequence([cfg.seed, int(q), j])
+                                                            .generate_state(1)[0])) for q in pos for j in range(G)]
+        ro, texts = play(run.model, run.tok, games, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, gens,
+                         G, run.amp(), cfg.compile)
+        return ro, texts, time.time() - t0, [{"game": g.record()} for g in games]
     # One generator per prompt, seeded by the prompt's global data position: a prompt's completions do not
     # depend on which rank drew it or on what else is in the batch, so N ranks sample what 1 process would.
     gens = [torch.Generator(run.device).manual_seed(cfg.seed * 2 ** 32 + int(q)) for q in pos]
     prompts = [run.tok.encode_chat(run.task.prompt(ex)) for ex in examples]
-    run.model.eval()
-    t0 = time.time()
     with run.amp():
-        ro = generate(run.model, prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
+        ro = generate(run.model, prompts, G, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
                       run.tok.stop_ids, gens, run.tok.vocab_size, run.tok.pad_id, cfg.compile)
-    return ro, completion_texts(run.tok, ro), time.time() - t0
+    return ro, completion_texts(run.tok, ro), time.time() - t0, [{}] * len(ro.lengths)
 
 
-def score(run, examples, texts):
+def score(run, examples, texts, extra):
     """Rewards per function and their weighted total (N,), and the task's 0/1 metrics, for every completion."""
-    # Every reward sees the example's fields and `prompt`, the prompt's text, so a format reward can refuse
-    # reasoning copied from the instruction (rewards.well_formed). Row i belongs to prompt i // G.
-    G = run.cfg.group_size
-    rows = [examples[i // G] for i in range(len(texts))]
-    ptexts = [prompt_text(run.task.prompt(ex)) for ex in examples]  # once per prompt, not per completion
-    scored = [combine(run.task.rewards, t, prompt=ptexts[i // G], **ex) for i, (t, ex) in enumerate(zip(texts, rows))]
+    # Every reward sees the example's fields, the row's extra fields (a game's record) and `prompt`, the prompt's
+    # text, so a format reward can refuse reasoning copied from the instruction (rewards.well_formed). Row i
+    # belongs to prompt i // G. Whole games are scored by the task's game rewards and metrics.
+    G, task = run.cfg.group_size, run.task
+    reward_list, metric_fns = (task.game_rewards, task.game_metrics) if run.games else (task.rewards, task.metrics)
+    rows = [{**examples[i // G], **extra[i]} for i in range(len(texts))]
+    ptexts = [prompt_text(task.prompt(ex)) for ex in examples]  # once per prompt, not per completion
+    scored = [combine(reward_list, t, prompt=ptexts[i // G], **ex) for i, (t, ex) in enumerate(zip(texts, rows))]
     total = torch.tensor([tot for tot, _ in scored])  # (N,)
     per_fn = {k: [per[k] for _, per in scored] for k in (scored[0][1] if scored else {})}
-    accs = {k: [f(t, **ex) for t, ex in zip(texts, rows)] for k, f in run.task.metrics.items()}
+    accs = {k: [f(t, **ex) for t, ex in zip(texts, rows)] for k, f in metric_fns.items()}
     return total, per_fn, accs
 
 
@@ -803,7 +841,7 @@ def print_step(run, step, metrics, t_run, texts, per_fn):
     cfg = run.cfg
     eta = (time.time() - t_run) / (step - run.start) * (cfg.steps - step)
     run.log(f"step {step}/{cfg.steps} | reward {metrics['reward_mean']:.3f} | acc "
-            f"{' / '.join(f'{metrics[k]:.2f}' for k in run.task.metrics)} | kl {metrics['kl']:.4f} | "
+            f"{' / '.join(f'{metrics[k]:.2f}' for k in metrics if k.startswith('acc_'))} | kl {metrics['kl']:.4f} | "
             f"len {metrics['len_mean']:.0f} | {metrics['tokens_per_s']:.0f} tok/s | ETA {eta / 60:.1f} min", flush=True)
     if cfg.print_every and step % cfg.print_every == 0:
         run.log(f"--- sample (step {step}, rewards {({k: round(v[0], 3) for k, v in per_fn.items()})}):\n{texts[0]}\n---")
@@ -813,11 +851,11 @@ def run_eval(run, step):
     """Evaluate greedily on the test split; eval.jsonl gets the scores, eval/step-N.jsonl every completion."""
     if run.cfg.eval_n == 0:  # --eval-n 0: no evaluation at all (benchmarks, quick checks)
         return None
-    run.log(f"eval step {step}: {min(run.cfg.eval_n, len(run.test))} test problems, greedy, "
-            f"up to {run.cfg.max_new_tokens} new tokens")
+    run.log(f"eval step {step}: {min(run.cfg.eval_n, len(run.test))} test {'games' if run.task.game else 'problems'}, "
+            f"greedy, up to {run.cfg.max_new_tokens} new tokens{' a turn' if run.task.game else ''}")
     # greedy, so the score is a property of the weights alone, not of a sampling seed
-    metrics, rows = evaluate(run.model.eval(), run.tok, run.task, run.test, run.cfg, run.amp(), run.rank, run.world,
-                             run.log)
+    metrics, rows = (evaluate_games if run.task.game else evaluate)(run.model.eval(), run.tok, run.task, run.test,
+                                                                    run.cfg, run.amp(), run.rank, run.world, run.log)
     if run.rank == 0:
         with open(os.path.join(run.cfg.out, "eval.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -883,8 +921,8 @@ def main(argv=None):
             t_step = time.time()
             with fail_together(run, step):  # one rank's error ends every rank with its message, not a hang
                 examples, pos = next_prompts(run, step)                  # 1. this rank's P prompts
-                ro, texts, t_sample = rollout(run, examples, pos)        # 2. G completions each (no grad)
-                total, per_fn, accs = score(run, examples, texts)        # 3. rewards and metrics
+                ro, texts, t_sample, extra = rollout(run, examples, pos)  # 2. G completions (or games) each
+                total, per_fn, accs = score(run, examples, texts, extra)  # 3. rewards and metrics
                 adv, zero_std = advantages(run, total)                   # 4. group-relative advantages
                 t0 = time.time()
                 ref_lp, old_lp = reference(run, ro)                      # 5. reference (and pi_old) log-probs

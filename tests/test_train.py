@@ -1,5 +1,6 @@
 """train.py on CPU with a tiny random checkpoint and tiny jsonl files made here: CLI, checkpoints, resume,
 micro-batch invariance, no reference model at beta=0, and the documented errors."""
+import dataclasses
 import json
 import os
 import shutil
@@ -279,10 +280,10 @@ def interrupt_when(monkeypatch, cond):
     """Make train.score raise KeyboardInterrupt (a Ctrl-C mid-step) whenever cond() holds."""
     real = getattr(train.score, "real", train.score)
 
-    def score(run, examples, texts):
+    def score(run, examples, texts, extra):
         if cond():
             raise KeyboardInterrupt
-        return real(run, examples, texts)
+        return real(run, examples, texts, extra)
     score.real = real
     monkeypatch.setattr(train, "score", score)
 
@@ -481,3 +482,52 @@ def test_help_shows_each_default_once():
     text = " ".join(r.stdout.split())
     assert "(default: )" not in text and "(default: None)" not in text
     assert "empty: cuda if available, else cpu" in text
+
+
+# ----------------------------------------------------------------------------- wordle: states, whole games (issue 14)
+
+def wordle_args(ckpt, out, mode, *extra):
+    return ["--task", "wordle", "--task-opts", f"mode={mode},per_secret=1", "--model", ckpt, "--out", str(out),
+            "--prompts-per-step", "2", "--group-size", "3", "--max-new-tokens", "6", "--eval-n", "3",
+            "--eval-batch", "2", "--lr", "1e-2", "--warmup-steps", "1", "--seed", "3", *extra]
+
+
+def test_wordle_trains_on_states_and_evaluates_by_playing_games(tiny_ckpt, tmp_path):
+    out = tmp_path / "states"
+    train.main([*wordle_args(tiny_ckpt, out, "states"), "--steps", "1"])
+    row = metrics(out)[0]
+    assert {"reward/wordle_correct", "reward/wordle_partial", "reward/wordle_consistent", "reward/wordle_format",
+            "acc_win", "acc_word"} <= set(row)
+    ev = [json.loads(l) for l in open(out / "eval.jsonl")]
+    assert [e["step"] for e in ev] == [0, 1] and {"acc_win", "guesses_won", "invalid_rate", "format_rate"} <= set(ev[0])
+    games = [json.loads(l) for l in open(out / "eval" / "step-1.jsonl")]  # transcripts: one line per game
+    assert len(games) == 3 and all(len(g["turns"]) == 6 and "text" in g["turns"][0] for g in games)
+
+
+@pytest.fixture
+def varied_wordle(monkeypatch):
+    """wordle whose whole-game reward varies for a random model (its games are all invalid: reward -1 each)."""
+    w = train.TASKS["wordle"]
+    monkeypatch.setitem(train.TASKS, "wordle", dataclasses.replace(w, game_rewards=[*w.game_rewards,
+                                                                                     (1.0, chars_near_20)]))
+
+
+def test_wordle_whole_games_train_and_resume_equals_uninterrupted(tiny_ckpt, tmp_path, varied_wordle):
+    out = tmp_path / "games"
+    train.main([*wordle_args(tiny_ckpt, out, "games"), "--steps", "3", "--save-every", "1", "--keep-last", "5",
+                "--eval-n", "0"])
+    full = metrics(out)
+    assert {"reward/game_win", "reward/game_speed", "reward/game_invalid", "acc_win", "acc_word"} <= set(full[0])
+    assert full[0]["reward/game_invalid"] == -1.0 and full[0]["reward_std"] > 0 and full[1]["kl"] > 0
+    assert full[0]["len_mean"] > 6  # the model's tokens over six turns, not one completion's
+    shutil.rmtree(out / "step-3")
+    shutil.rmtree(out / "step-2")
+    train.main(["--resume", str(out)])
+    assert without_timing(metrics(out)[1:]) == without_timing(full[1:])
+
+
+def test_wordle_eval_only(tiny_ckpt, tmp_path):
+    out = tmp_path / "ev"
+    train.main([*wordle_args(tiny_ckpt, out, "games"), "--eval-only"])
+    ev = json.loads(open(out / "eval.jsonl").read())
+    assert ev["n"] == 3 and ev["acc_win"] == 0 and ev["invalid_rate"] == 1.0 and ev["guesses_won"] is None

@@ -1,0 +1,87 @@
+"""Multi-turn rollouts: play whole games against an environment, and return them as one Rollout for GRPO.
+
+A game is any object with `messages()` (the chat before the model's first turn), `play(text) -> reply` (takes the
+model's turn; returns the environment's next user message, or None when the game is over) and `done`
+(wordle.Game is one). All games still running take their next turn in one generate() call, so a batch of
+games costs at most max_turns calls however many games it holds.
+
+A game's trajectory is one token sequence: its opening prompt, then the model's turn, the environment's reply,
+the model's next turn, ... The model's turns are its sampled tokens exactly (with their stop token), and each
+reply is tokenized on its own and appended, so turn k+1 is sampled with the very tokens that training later
+feeds in (no re-tokenization of the history: the sampler's log-probs equal the trainer's). In the Rollout:
+- prompt_ids: the opening, shared by the G games of one secret (grpo.token_logprobs forwards it once);
+- completion_ids: everything after it, the environment's replies included; the model attends to all of it;
+- completion_mask: True on the model's own tokens only, so the loss, the KL and the ratio see only what the
+  model wrote; the environment's tokens are context, never a target (verifiers, willccbb, masks them the same
+  way: its tokens carry a per-token mask of 0 for environment messages; this is our own code);
+- logprobs: the sampler's, at the model's tokens; lengths: the model's token count per game.
+Legend: N games, Tp opening time, Tc trajectory time, n games still running.
+"""
+from contextlib import nullcontext
+
+import torch
+
+from sample import Rollout, generate
+
+
+def reply_ids(tok, text, last_id):
+    """Token ids of the environment's message after a model turn that ended with last_id (ChatML)."""
+    im_end = tok.tok.token_to_id("<|im_end|>")
+    # a turn that stopped on <|im_end|> has closed itself; one truncated (or stopped by another eos) is closed here
+    close = "" if last_id == im_end else "<|im_end|>"
+    return tok.encode(f"{close}\n<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
+
+
+@torch.no_grad()
+def play(model, tok, games, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, generators=None, group_size=1,
+         amp=None, compile=False, pad_id=None):
+    """Play every game to its end; returns (Rollout of N rows, the N trajectories as text).
+
+    generators: None (greedy), or one torch.Generator per game: a game's draws then do not depend on the others.
+    group_size: G, recorded in the Rollout (games g*G .. g*G+G-1 share an opening). amp: a context manager
+    (train.py's autocast) entered around each turn's generate call.
+    """
+    if generators is not None and len(generators) != len(games):
+        raise ValueError(f"got {len(generators)} generators for {len(games)} games")
+    pad_id = tok.pad_id if pad_id is None else pad_id
+    opening = [tok.encode_chat(g.messages()) for g in games]
+    seq = [[] for _ in games]  # ids after the opening: model turns and replies
+    own = [[] for _ in games]  # 1 where seq holds a model token
+    lps = [[] for _ in games]  # the sampler's log-prob of each seq token (0 at reply tokens)
+    stopped = [True] * len(games)  # every turn ended on a stop token
+    while True:
+        live = [i for i, g in enumerate(games) if not g.done]  # (n,)
+        if not live:
+            break
+        with amp or nullcontext():
+            ro = generate(model, [opening[i] + seq[i] for i in live], 1, max_new_tokens, temperature, top_p, top_k,
+                          tok.stop_ids, None if generators is None else [generators[i] for i in live],
+                          tok.vocab_size, pad_id, compile)
+        for j, i in enumerate(live):
+            n, stop = int(ro.lengths[j]), bool(ro.stopped[j])
+            ids = ro.completion_ids[j, :n].tolist()
+            seq[i] += ids
+            own[i] += [1] * n
+            lps[i] += ro.logprobs[j, :n].tolist()
+            stopped[i] &= stop
+            text = games[i].play(tok.decode(ids[:n - int(stop)]))  # the reply, or None: game over
+            if text is not None:
+                env = reply_ids(tok, text, ids[-1] if stop else None)
+                seq[i] += env
+                own[i] += [0] * len(env)
+                lps[i] += [0.0] * len(env)
+
+    dev = model.lm_head.weight.device
+    N, Tp, Tc = len(games), max(map(len, opening)), max(map(len, seq))
+    prompt_ids = torch.full((N, Tp), pad_id, dtype=torch.long)
+    completion_ids = torch.full((N, Tc), pad_id, dtype=torch.long)
+    mask, logprobs = torch.zeros(N, Tc, dtype=torch.bool), torch.zeros(N, Tc)
+    for i in range(N):  # prompts left-padded, trajectories right-padded, like generate's
+        prompt_ids[i, Tp - len(opening[i]):] = torch.tensor(opening[i])
+        completion_ids[i, :len(seq[i])] = torch.tensor(seq[i], dtype=torch.long)
+        mask[i, :len(seq[i])] = torch.tensor(own[i], dtype=torch.bool)
+        logprobs[i, :len(seq[i])] = torch.tensor(lps[i])
+    prompt_mask = torch.arange(Tp) >= Tp - torch.tensor([len(o) for o in opening])[:, None]  # (N, Tp)
+    ro = Rollout(prompt_ids.to(dev), prompt_mask.to(dev), completion_ids.to(dev), mask.to(dev),
+                 mask.sum(1).to(dev), torch.tensor(stopped, device=dev), logprobs.to(dev), group_size)
+    return ro, [tok.decode(s) for s in seq]

@@ -1,0 +1,104 @@
+"""play.py: whole games with a tiny random model; the trajectory's mask, log-probs and rewards."""
+import pytest
+import torch
+
+import rewards as R
+import wordle as W
+from grpo import token_logprobs
+from model import Transformer
+from play import play, reply_ids
+from tokenizer import Tokenizer
+
+SECRETS = ["FLOOR", "FLOOR", "FLOOR", "PLATE", "PLATE", "PLATE"]  # 2 secrets x G=3
+
+
+@pytest.fixture(scope="module")
+def model_tok(tiny_ckpt):
+    return Transformer.from_pretrained(tiny_ckpt).eval(), Tokenizer(tiny_ckpt)
+
+
+def games_played(model, tok, secrets=SECRETS, seed=0, max_new=10, temperature=1.0):
+    games = [W.Game(s) for s in secrets]
+    gens = [torch.Generator().manual_seed(seed * 100 + i) for i in range(len(games))]
+    ro, texts = play(model, tok, games, max_new, temperature, generators=gens, group_size=3)
+    return games, ro, texts
+
+
+def runs(mask_row):
+    """[(start, end)] of the True runs of a 1-D bool list."""
+    out, start = [], None
+    for i, m in enumerate(mask_row + [False]):
+        if m and start is None:
+            start = i
+        if not m and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+def test_batched_play_finishes_every_game_in_six_turns_counting_invalid_ones(model_tok):
+    model, tok = model_tok
+    games, ro, texts = games_played(model, tok)
+    for g in games:
+        assert g.done and len(g.turns) == 6 and not g.won  # a random model's guesses are never words
+        assert all(not t["valid"] for t in g.turns)
+    assert ro.completion_ids.shape[0] == len(games) and ro.group_size == 3
+    # greedy, as evaluation plays: also six turns each
+    greedy = [W.Game(s) for s in SECRETS[:2]]
+    play(model, tok, greedy, 6)
+    assert all(g.done and len(g.turns) == 6 for g in greedy)
+
+
+def test_mask_covers_exactly_the_models_tokens(model_tok):
+    model, tok = model_tok
+    games, ro, texts = games_played(model, tok)
+    for i, g in enumerate(games):
+        ids, mask = ro.completion_ids[i].tolist(), ro.completion_mask[i].tolist()
+        spans = runs(mask)
+        assert len(spans) == len(g.turns) == 6
+        assert int(ro.lengths[i]) == sum(e - s for s, e in spans)
+        for (s, e), t in zip(spans, g.turns):  # each masked run is that turn's text (and its stop token, if any)
+            stop = ids[e - 1] in tok.stop_ids
+            assert tok.decode(ids[s:e - int(stop)]) == t["text"]
+        # and what lies between runs is exactly the game's replies, as tokenized by reply_ids
+        replay = W.Game(g.secret)
+        for (s, e), (s2, _) in zip(spans, spans[1:]):
+            reply = replay.play(tok.decode(ids[s:e - int(ids[e - 1] in tok.stop_ids)]))
+            assert ids[e:s2] == reply_ids(tok, reply, ids[e - 1] if ids[e - 1] in tok.stop_ids else None)
+        assert not any(mask[spans[-1][1]:])  # nothing after the last turn
+
+
+def test_trainer_logprobs_over_the_interleaved_sequence_equal_the_samplers(model_tok):
+    model, tok = model_tok
+    games, ro, texts = games_played(model, tok, temperature=0.9)
+    m = ro.completion_mask
+    for share in (True, False):
+        lp = token_logprobs(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, m, 0.9, share_prompt=share)
+        assert torch.allclose(lp[m], ro.logprobs[m], atol=1e-4), (lp[m] - ro.logprobs[m]).abs().max()
+        assert (lp[~m] == 0).all() and (ro.logprobs[~m] == 0).all()
+
+
+def test_a_games_draws_do_not_depend_on_the_other_games(model_tok):
+    model, tok = model_tok
+    _, ro, texts = games_played(model, tok)
+    games = [W.Game(s) for s in SECRETS[3:]]
+    gens = [torch.Generator().manual_seed(i) for i in range(3, 6)]
+    _, alone = play(model, tok, games, 10, 1.0, generators=gens)
+    assert alone == texts[3:]
+
+
+def test_a_games_reward_follows_its_transcript(model_tok):
+    model, tok = model_tok
+    games, ro, texts = games_played(model, tok)
+    for g, text in zip(games, texts):
+        replay = W.Game(g.secret)  # replaying the turns' texts through a fresh game gives the same record
+        for t in g.turns:
+            replay.play(t["text"])
+        assert replay.record() == g.record()
+        assert R.combine(W.GAME_REWARDS, text, game=g.record()) == R.combine(W.GAME_REWARDS, "", game=replay.record())
+        assert R.combine(W.GAME_REWARDS, text, game=g.record())[0] == -1.0  # six invalid guesses
+    # a scripted transcript: the turns' texts alone decide the reward
+    g = W.Game("FLOOR")
+    for text in ("<guess>PLATE</guess>", "<guess>FLOOR</guess>"):
+        g.play(text)
+    assert R.combine(W.GAME_REWARDS, "", game=g.record())[0] == pytest.approx(1 + 0.5 * 5 / 6 + 0.3 + 0.3)
