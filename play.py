@@ -14,7 +14,10 @@ feeds in (no re-tokenization of the history: the sampler's log-probs equal the t
 - completion_mask: True on the model's own tokens only, so the loss, the KL and the ratio see only what the
   model wrote; the environment's tokens are context, never a target (verifiers, willccbb, masks them the same
   way: its tokens carry a per-token mask of 0 for environment messages; this is our own code);
-- logprobs: the sampler's, at the model's tokens; lengths: the model's token count per game.
+- logprobs: the sampler's, at the model's tokens; lengths: the model's token count per game; stopped: every
+  turn of the game ended on a stop token (False: some turn was cut at max_new_tokens).
+Each turn prefills the game's whole history again (no cache is kept across turns): simple, and on a CPU the
+prefill of a few hundred tokens costs about what decoding a short turn does.
 Legend: N games, Tp opening time, Tc trajectory time, n games still running.
 """
 from contextlib import nullcontext
@@ -27,6 +30,8 @@ from sample import Rollout, generate
 def reply_ids(tok, text, last_id):
     """Token ids of the environment's message after a model turn that ended with last_id (ChatML)."""
     im_end = tok.tok.token_to_id("<|im_end|>")
+    if im_end is None:
+        raise ValueError(f"{tok.path}: no <|im_end|> token; multi-turn games need a ChatML tokenizer")
     # a turn that stopped on <|im_end|> has closed itself; one truncated (or stopped by another eos) is closed here
     close = "" if last_id == im_end else "<|im_end|>"
     return tok.encode(f"{close}\n<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
@@ -53,10 +58,15 @@ def play(model, tok, games, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0,
         live = [i for i, g in enumerate(games) if not g.done]  # (n,)
         if not live:
             break
+        # generate draws one uniform per row per decode step until its whole batch is done, so a game's generator
+        # would advance by the batch's longest turn; a fresh generator per turn, seeded by one draw of the game's
+        # own, keeps each game's samples independent of which games share its batch (and its rank)
+        turn_gens = None if generators is None else [
+            torch.Generator(g.device).manual_seed(int(torch.randint(2 ** 62, (1,), generator=g, device=g.device)))
+            for g in (generators[i] for i in live)]
         with amp or nullcontext():
             ro = generate(model, [opening[i] + seq[i] for i in live], 1, max_new_tokens, temperature, top_p, top_k,
-                          tok.stop_ids, None if generators is None else [generators[i] for i in live],
-                          tok.vocab_size, pad_id, compile)
+                          tok.stop_ids, turn_gens, tok.vocab_size, pad_id, compile)
         for j, i in enumerate(live):
             n, stop = int(ro.lengths[j]), bool(ro.stopped[j])
             ids = ro.completion_ids[j, :n].tolist()

@@ -21,6 +21,8 @@ class Rollout:
     completion_ids: torch.Tensor  # (N, Tc); after a row's stop token: pad, outside the mask
     completion_mask: torch.Tensor  # (N, Tc) bool, from each row's length: up to and including its first stop token
     lengths: torch.Tensor  # (N,) long, tokens inside the mask
+    # (play.py's whole games: completion_ids hold the model's turns and the environment's replies, and the mask is
+    # True on the model's tokens only, so it is not a prefix; lengths count the model's tokens)
     stopped: torch.Tensor  # (N,) bool; False means truncated at max_new_tokens
     logprobs: torch.Tensor  # (N, Tc) fp32 log-prob of each sampled token at the sampling temperature, 0 outside mask
     group_size: int

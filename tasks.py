@@ -294,7 +294,8 @@ METRICS = {"acc_strict": R.correct, "acc_lenient": R.correct_lenient}
 # ----------------------------------------------------------------------------- wordle (the game: wordle.py)
 
 def wordle_load(data_dir, cache_dir, mode, per_secret, seed):
-    """Train: game states (mode states) or one empty game per secret (mode games); test: one game per test secret.
+    """Train: game states (mode states) or one empty game per secret (mode games, which ignores per_secret);
+    test: one game per test secret.
 
     The test secrets are in a fixed shuffled order (not the run's seed), so --eval-n 100 takes the same 100 in
     every run and they are not the alphabet's first. data_dir and cache_dir are unused: the lists ship here.
@@ -347,9 +348,11 @@ TASKS = {
     "gsm8k": Task(gsm8k_load, gsm8k_prompt, R.GSM8K_REWARDS, METRICS),
     "arith": Task(arith_load, arith_prompt, ARITH_REWARDS, METRICS,
                   options=dict(digits=2, ops="+", terms=2, train_size=20000, test_size=1000, seed=0)),
-    "wordle": Task(wordle_load, wordle_prompt, W.STATE_REWARDS, {"acc_win": W.STATE_REWARDS[0][1],
+    # training metrics: states: acc_secret (this guess is the secret), acc_word (it is a listed word); games:
+    # acc_win (the game was won, as evaluation's acc_win), acc_clean (every guess of the game was a word)
+    "wordle": Task(wordle_load, wordle_prompt, W.STATE_REWARDS, {"acc_secret": W.STATE_REWARDS[0][1],
                                                                 "acc_word": guess_is_word},
                    options=dict(mode="states", per_secret=4, seed=0), game=wordle_game,
-                   game_rewards=W.GAME_REWARDS, game_metrics={"acc_win": W.game_win, "acc_word": game_clean},
+                   game_rewards=W.GAME_REWARDS, game_metrics={"acc_win": W.game_win, "acc_clean": game_clean},
                    game_summary=wordle_summary),
 }

@@ -104,13 +104,17 @@ NEW_GAME = "You won in 2 guesses! Now a new game, with a new secret word. Make y
 
 
 def reply(history, turns_left, invalid=None):
-    """The game's message after a turn: what went wrong if anything, every guess so far, the turns left."""
-    lines = [f"{invalid!r} is not a valid guess (it must be one 5-letter English word inside <guess> </guess>)."
-             if invalid is not None else None]
+    """The game's message after a turn: what went wrong if anything, every valid guess so far, the turns left.
+
+    invalid: the text inside the turn's one <guess> block when it is not a word ('' when there is no single block),
+    quoted up to 20 characters: a long non-guess does not grow the context turn after turn.
+    """
+    lines = [] if invalid is None else [f"{invalid[:20]!r} is not a valid guess (it must be one 5-letter English "
+                                        "word inside <guess> </guess>)."]
     if history:
         lines += ["Your guesses so far:"] + [f"{i}. {g} -> {render(g, fb)}" for i, (g, fb) in enumerate(history, 1)]
     lines.append(f"You have {turns_left} guess{'es' if turns_left != 1 else ''} left. Make your next guess.")
-    return "\n".join(l for l in lines if l is not None)
+    return "\n".join(lines)
 
 
 def demo():
@@ -138,17 +142,17 @@ class Game:
         return [(t["guess"], t["feedback"]) for t in self.turns if t["valid"]]
 
     def messages(self):
-        """The chat up to the model's next turn: rules, the example game, then this game's earlier turns (a
-        training state's are the solver's, shown as bare <guess> lines)."""
+        """The chat up to the model's next turn: rules, the example game, then this game's earlier turns as bare
+        <guess> lines (a training state's are the solver's) with the replies play() gave them."""
         msgs = [{"role": "system", "content": SYSTEM}]
-        for turns, start in ((demo(), START), (self.turns, NEW_GAME)):
+        for turns, start, last in ((demo(), START, False), (self.turns, NEW_GAME, True)):
             msgs.append({"role": "user", "content": start})
-            hist = []
-            for t in turns:
-                hist.append((t["guess"], t["feedback"]))
-                msgs.append({"role": "assistant", "content": f"<guess>{t['guess']}</guess>"})
-                if t is not turns[-1] or turns is self.turns:
-                    msgs.append({"role": "user", "content": reply(hist, self.max_turns - len(hist))})
+            for k, t in enumerate(turns, 1):
+                msgs.append({"role": "assistant", "content": f"<guess>{t['guess'] or ''}</guess>"})
+                if k < len(turns) or last:
+                    hist = [(u["guess"], u["feedback"]) for u in turns[:k] if u["valid"]]
+                    msgs.append({"role": "user", "content": reply(hist, self.max_turns - k,
+                                                                  None if t["valid"] else t["guess"] or "")})
         return msgs
 
     def play(self, completion):

@@ -1,4 +1,6 @@
 """play.py: whole games with a tiny random model; the trajectory's mask, log-probs and rewards."""
+import copy
+
 import pytest
 import torch
 
@@ -80,11 +82,17 @@ def test_trainer_logprobs_over_the_interleaved_sequence_equal_the_samplers(model
 
 def test_a_games_draws_do_not_depend_on_the_other_games(model_tok):
     model, tok = model_tok
-    _, ro, texts = games_played(model, tok)
-    games = [W.Game(s) for s in SECRETS[3:]]
-    gens = [torch.Generator().manual_seed(i) for i in range(3, 6)]
-    _, alone = play(model, tok, games, 10, 1.0, generators=gens)
-    assert alone == texts[3:]
+    # many stop ids, so turns end at different lengths: generate then draws for every row until its whole batch
+    # is done, and without play's per-turn generators a game's later turns would depend on its batch-mates
+    tok = copy.copy(tok)
+    tok.stop_ids = sorted(set(tok.stop_ids) | set(range(3, 300, 9)))
+    games, ro, texts = games_played(model, tok)
+    assert len({len(t["text"]) for g in games for t in g.turns}) > 3  # turns of varied lengths
+    alone = []
+    for i in (1, 4):
+        _, t = play(model, tok, [W.Game(SECRETS[i])], 10, 1.0, generators=[torch.Generator().manual_seed(i)])
+        alone += t
+    assert alone == [texts[1], texts[4]]
 
 
 def test_a_games_reward_follows_its_transcript(model_tok):

@@ -497,7 +497,7 @@ def test_wordle_trains_on_states_and_evaluates_by_playing_games(tiny_ckpt, tmp_p
     train.main([*wordle_args(tiny_ckpt, out, "states"), "--steps", "1"])
     row = metrics(out)[0]
     assert {"reward/wordle_correct", "reward/wordle_partial", "reward/wordle_consistent", "reward/wordle_format",
-            "acc_win", "acc_word"} <= set(row)
+            "acc_secret", "acc_word"} <= set(row)
     ev = [json.loads(l) for l in open(out / "eval.jsonl")]
     assert [e["step"] for e in ev] == [0, 1] and {"acc_win", "guesses_won", "invalid_rate", "format_rate"} <= set(ev[0])
     games = [json.loads(l) for l in open(out / "eval" / "step-1.jsonl")]  # transcripts: one line per game
@@ -517,7 +517,7 @@ def test_wordle_whole_games_train_and_resume_equals_uninterrupted(tiny_ckpt, tmp
     train.main([*wordle_args(tiny_ckpt, out, "games"), "--steps", "3", "--save-every", "1", "--keep-last", "5",
                 "--eval-n", "0"])
     full = metrics(out)
-    assert {"reward/game_win", "reward/game_speed", "reward/game_invalid", "acc_win", "acc_word"} <= set(full[0])
+    assert {"reward/game_win", "reward/game_speed", "reward/game_invalid", "acc_win", "acc_clean"} <= set(full[0])
     assert full[0]["reward/game_invalid"] == -1.0 and full[0]["reward_std"] > 0 and full[1]["kl"] > 0
     assert full[0]["len_mean"] > 6  # the model's tokens over six turns, not one completion's
     shutil.rmtree(out / "step-3")
