@@ -92,14 +92,16 @@ SYSTEM = ("You are playing Wordle. Find the secret 5-letter English word in at m
           "For example, if the word is BRICK, the guess CRANE gets: C(-) R(✓) A(x) N(x) E(x).\n"
           "Each guess must be a real 5-letter English word. Use all the feedback so far.\n"
           "You may think first, briefly, inside <think> </think>. Then answer with your guess inside "
-          "<guess> </guess>, for example <guess>CRANE</guess>.")
+          "<guess> </guess>.")
 START = "Let's play. Make your first guess."
 # A short example game as earlier chat turns, before the real one. How the protocol is shown decides the cold
 # start (SmolLM2-135M-Instruct, 64 samples at T=0.7 of the first turn): the rules alone, 0% answers in the
-# <guess> format (greedy: "I'm going to guess the word "BREAK"..."); with this example game, 16-25%, and so GRPO
+# <guess> format (greedy: "I'm going to guess the word "BREAK"..."); with an example game, 16-25%, and so GRPO
 # has groups with a spread to learn from. Its turns are bare <guess> lines (asking for <think> in them measured
-# no better). The secret, COMFY, is an accepted guess but never a secret, so the example gives no answer away.
-DEMO_SECRET, DEMO_GUESSES = "COMFY", ("CRANE", "COMFY")
+# no better). Its two words differ from game to game (drawn from the accepted guesses that are never secrets,
+# seeded by the real game's secret): with one fixed example (CRANE, then COMFY) 40 steps of training made the
+# model answer CRANE, the example's first guess, on every turn of every test game: valid words, format 100%,
+# no game won (README "Wordle").
 NEW_GAME = "You won in 2 guesses! Now a new game, with a new secret word. Make your first guess."
 
 
@@ -117,9 +119,19 @@ def reply(history, turns_left, invalid=None):
     return "\n".join(lines)
 
 
-def demo():
-    """The example game's turns, as Game.turns holds them."""
-    return [{"guess": g, "valid": True, "feedback": feedback(g, DEMO_SECRET), "text": None} for g in DEMO_GUESSES]
+@functools.lru_cache(maxsize=None)
+def demo_words():
+    """Accepted guesses that are never secrets (sorted): the example games' words, so they give no answer away."""
+    train, test, allowed = word_lists()
+    return tuple(sorted(allowed - set(train) - set(test)))
+
+
+def demo(secret):
+    """The example game's turns shown before the game of `secret` (as Game.turns holds them): a first guess, then
+    the example's secret, two words of demo_words() drawn by a generator seeded by `secret`."""
+    rng = random.Random(int(hashlib.sha256(f"wordle-demo-{secret}".encode()).hexdigest()[:16], 16))
+    first, answer = rng.sample(demo_words(), 2)
+    return [{"guess": g, "valid": True, "feedback": feedback(g, answer), "text": None} for g in (first, answer)]
 
 
 class Game:
@@ -145,7 +157,7 @@ class Game:
         """The chat up to the model's next turn: rules, the example game, then this game's earlier turns as bare
         <guess> lines (a training state's are the solver's) with the replies play() gave them."""
         msgs = [{"role": "system", "content": SYSTEM}]
-        for turns, start, last in ((demo(), START, False), (self.turns, NEW_GAME, True)):
+        for turns, start, last in ((demo(self.secret), START, False), (self.turns, NEW_GAME, True)):
             msgs.append({"role": "user", "content": start})
             for k, t in enumerate(turns, 1):
                 msgs.append({"role": "assistant", "content": f"<guess>{t['guess'] or ''}</guess>"})
