@@ -18,7 +18,8 @@ Two ways to train on it (tasks.py option mode):
 Evaluation always plays whole games, greedy, on test secrets (play.py, train.py run_eval).
 
 Hack guards (rewards.py lists what each Wordle reward closes and cannot): `guarded` pays nothing, format and
-consistency included, for a guess that is not a listed word, so "ZZZZZ" with no history earns 0, not 0.7.
+consistency included, for a guess that is not a listed word, so "ZZZZZ" with no history earns 0, not 0.7; nor for
+a guess the prompt already shows (the example game's words, this game's earlier guesses), a hack training found.
 Legend: A answers, c candidates.
 """
 import functools
@@ -333,11 +334,23 @@ def valid_guess(completion, allowed=None):
     return g if g is not None and g in (allowed_words() if allowed is None else allowed) else None
 
 
+def shown_words(secret, history=()):
+    """The guesses the prompt already shows: the example game's two and this game's earlier ones."""
+    return {t["guess"] for t in demo(secret)} | {g.upper() for g, _ in history}
+
+
 def guarded(fn):
-    """fn, but 0 for a completion whose guess is not a listed word (the validity guard)."""
+    """fn, but 0 for a completion whose guess is not a listed word (the validity guard), or is a word the prompt
+    already shows as a guess (the copy guard: the example game's, or this game's earlier ones)."""
+    # The copy guard closes a hack the training found: with the validity guard alone, 40 steps on states taught
+    # SmolLM2 to answer the example game's first guess (format and partial credit paid for it); played as whole
+    # games it then guessed that word six times over (README "Wordle").
     @functools.wraps(fn)
-    def f(completion, **fields):
-        return fn(completion, **fields) if valid_guess(completion) is not None else 0.0
+    def f(completion, secret=None, history=(), **fields):
+        g = valid_guess(completion)
+        if g is None or (secret is not None and g in shown_words(secret, history)):
+            return 0.0
+        return fn(completion, secret=secret, history=history, **fields)
     return f
 
 

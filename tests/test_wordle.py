@@ -131,6 +131,10 @@ def test_validity_guard_pays_nothing_for_a_non_word_wrong_length_or_several_gues
                 assert fn(text, secret="FLOOR", history=h) == 0.0, (text, fn.__name__)
     # unguarded, the course's consistency and format rewards paid a non-word with no history 0.7 of weight
     assert R.wordle_consistent("<guess>ZZZZZ</guess>") == 1.0 and R.wordle_format("<guess>ZZZZZ</guess>") == 1.0
+    # the copy guard: the example game's words and this game's earlier guesses earn nothing either
+    for g in [t["guess"] for t in W.demo("FLOOR")] + ["PLATE"]:
+        assert R.combine(W.STATE_REWARDS, f"<guess>{g}</guess>", secret="FLOOR", history=hist)[0] == 0.0, g
+    assert R.combine(W.STATE_REWARDS, "<guess>BLOOM</guess>", secret="FLOOR", history=hist)[0] > 0.5
     total, per = R.combine(W.STATE_REWARDS, "<guess>floor</guess>", secret="FLOOR", history=hist)
     assert total == pytest.approx(2.2) and set(per) == {"wordle_correct", "wordle_partial", "wordle_consistent",
                                                          "wordle_format"}
