@@ -403,7 +403,7 @@ def evaluate_games(model, tok, task, test, cfg, amp, rank, world, log=print):
         play(model, tok, games, cfg.max_new_tokens, temperature=0.0, amp=amp)  # one generate call per turn
         rows += [{"index": i, **g.record()} for i, g in zip(idx, games)]
         done, dt = len(rows), time.time() - t0
-        summary = " ".join(f"{k} {v:.3f}" for k, v in task.game_summary([r for r in rows]).items() if v is not None)
+        summary = " ".join(f"{k} {v:.3f}" for k, v in task.game_summary(rows).items() if v is not None)
         log(f"  eval {min(done * world, total)}/{total} games | {summary} | {dt:.0f} s, ETA "
             f"{dt / done * (len(mine) - done):.0f} s", flush=True)
     if world > 1:

@@ -84,7 +84,7 @@ def test_scripted_solver_wins_every_test_secret_through_the_game_loop():
 
 def test_game_counts_invalid_turns_and_ends():
     game = W.Game("FLOOR")
-    assert game.play("no guess at all") .startswith("'' is not a valid guess")
+    assert game.play("no guess at all").startswith("'' is not a valid guess")
     assert "'ZZZZZ' is not a valid guess" in game.play("<guess>ZZZZZ</guess>")
     msg = game.play("<guess>plate</guess>")
     assert "1. PLATE -> P(x) L(✓) A(x) T(x) E(x)" in msg and "You have 3 guesses left" in msg
