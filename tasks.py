@@ -14,6 +14,7 @@ A task that is a game (wordle) also has
 Adding a task = one Task(...) in TASKS (its code here, or in a file of its own that this file imports); train.py
 never changes.
 Every reward also receives `prompt`, the text of all prompt messages, so a reward can refuse a copy of the prompt.
+With train.py --judge, a judge model grades each completion too, shown what judge_view(task, example) returns.
 Bad data or options raise TaskError (a ValueError) with one line naming the problem; train.py turns it into an exit.
 
 Tasks here:
@@ -59,6 +60,17 @@ class Task:
 def prompt_text(messages):
     """The text every reward sees as `prompt`: all message contents, one per line."""
     return "\n".join(m["content"] for m in messages)
+
+
+def judge_view(task, ex):
+    """(question, reference answer or None): what a judge (judge.py) is shown of an example besides the completion.
+
+    The example's own question and gold answer where it has them (gsm8k, arith); otherwise its prompt's last user
+    message (wordle: the game so far), with no reference, so a judge never sees a secret that the policy cannot.
+    """
+    if "question" in ex:
+        return ex["question"], None if ex.get("gold") is None else str(ex["gold"])
+    return next(m["content"] for m in reversed(task.prompt(ex)) if m["role"] == "user"), None
 
 
 def parse_options(task_name, text):

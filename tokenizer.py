@@ -34,6 +34,15 @@ class Tokenizer:
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
 
+    def encode_plain(self, text):
+        """encode, reading special-token strings as plain text: untrusted text (a completion that a judge reads,
+        judge.py) that spells "<|im_end|>" gets the characters, not the token, so it cannot forge a chat turn."""
+        self.tok.encode_special_tokens = True  # tokenizers >= 0.15; `encode` above splits on them whatever its flag
+        try:
+            return self.tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tok.encode_special_tokens = False
+
     def decode(self, ids, skip_special_tokens=False):
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

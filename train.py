@@ -4,7 +4,8 @@ Read it top to bottom: the config (every flag), small helpers, evaluation, set-u
 a step, then main(), whose loop shows the stages in order and nothing else:
   1. next_prompts  this rank's share of the step's prompts (a seeded permutation per epoch)
   2. rollout       G completions per prompt from the current policy (sample.py, KV-cached, no grad)
-  3. score         each reward function (tasks.py -> rewards.py) and the task's 0/1 metrics
+  3. score         each reward function (tasks.py -> rewards.py), the judge's with --judge (judge.py), and the
+                   task's 0/1 metrics
   4. advantages    group-relative: (r - mean(group)) / (std(group) + eps)            (grpo.py)
   5. reference     the frozen reference's token log-probs, for the k3 KL term (beta > 0 only)
   6. update        clipped surrogate - beta * k3, backward over micro-batches, optimizer step(s)  (grpo.py)
@@ -24,6 +25,8 @@ bf16 autocast: the sampler, the token log-probs, the reference's and the evaluat
     above 16; with SmolLM2 that moved token log-probs by 0.018 nats on average and up to 0.13 (a ratio of 1.14
     from rounding alone, against a clip at 1.2). This costs the (chunk, V) logits' matmul in fp32 and nothing in
     memory: the fp32 logits existed already, for log_softmax.
+The judge (--judge) is the one model held in bf16: frozen, and never compared with the policy, it needs no fp32
+master weights, so with bf16 it is loaded in bf16 (half the memory) and runs under the same autocast.
 Legend: P prompts per rank per step, G group, N = P*G rows, T completion time.
 """
 import argparse
@@ -45,13 +48,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import judge
 import lora
 from grpo import LOSS_TYPES, group_advantages, grpo_loss, loss_normalizer, token_logprobs
 from model import Transformer, is_hub_id, resolve_checkpoint
 from play import play
 from rewards import combine
 from sample import generate
-from tasks import TASKS, Task, TaskError, parse_options, prompt_text  # noqa: F401 (Task: for forkers and tests)
+from tasks import TASKS, Task, TaskError, judge_view, parse_options, prompt_text  # noqa: F401 (Task: for forkers and tests)
 from tokenizer import Tokenizer
 
 
@@ -103,6 +107,13 @@ class TrainConfig:
     adv_unbiased_std: bool = arg(True, "Bessel-corrected std for advantages (np.std if off)")
     adv_eps: float = arg(1e-4, "added to the std of advantages")
     mu: int = arg(1, "update passes (optimizer steps) per batch of rollouts")
+    # ---- LLM-as-a-judge (judge.py): a frozen local model's yes/no verdict as one more reward, for any task
+    judge: str = arg("", "judge model (local dir or hub id): its P(yes) that a completion meets --judge-rubric is "
+                     "one more reward, reward/judge (judge.py); empty: no judge")
+    judge_rubric: str = arg("correct", "the judge's criterion: a built-in rubric (correct, reasoning, concise) or a "
+                            "text file holding one")
+    judge_weight: float = arg(1.0, "weight of the judge's score (in [0, 1]) in the total reward")
+    judge_max_tokens: int = arg(512, "completion tokens the judge reads; the rest is cut, and the judge is told so")
     # ---- LoRA (lora.py): train low-rank adapters only; the KL reference is the policy with its adapters off
     lora_rank: int = arg(0, "LoRA rank r (0 = full fine-tuning)")
     lora_alpha: float = arg(32.0, "LoRA alpha: the update is scaled by alpha / r")
@@ -426,6 +437,7 @@ class Run:
     tok_files: dict  # {name: bytes} of the tokenizer files, written into every checkpoint
     model: Transformer
     ref: Transformer  # frozen initial weights; None when beta == 0 (or --eval-only)
+    judge: judge.Judge  # the frozen judge of --judge (judge.py); None without one (or with --eval-only)
     opt: torch.optim.Optimizer  # None with --eval-only
     amp: object  # a context-manager factory: bf16 autocast, or nothing with fp32 (the dtype policy, top of file)
     device: torch.device
@@ -449,7 +461,7 @@ def check_settings(cfg, world):
     if cfg.prompts_per_step % world:
         die(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by the {world} ranks")
     for name in ("steps", "prompts_per_step", "max_new_tokens", "mu", "micro_batch", "eval_batch", "logprob_chunk",
-                 "save_every", "keep_last"):
+                 "save_every", "keep_last", "judge_max_tokens"):
         if getattr(cfg, name) < 1:
             die(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     for name in ("seed", "eval_n", "warmup_steps", "eval_every", "print_every", "top_k", "weight_decay", "grad_clip",
@@ -475,6 +487,13 @@ def check_settings(cfg, world):
         die("--eval-only evaluates --model; to evaluate a run's checkpoint pass --model RUN/step-N")
     if cfg.eval_only and cfg.eval_n == 0:
         die("--eval-only with --eval-n 0 would evaluate nothing")
+    if cfg.judge:
+        if not (cfg.judge_weight > 0 and math.isfinite(cfg.judge_weight)):
+            die(f"--judge-weight must be > 0, got {cfg.judge_weight}")
+        try:
+            judge.load_rubric(cfg.judge_rubric)
+        except ValueError as e:
+            die(f"--judge-rubric: {e}")
     if cfg.lora_rank:
         try:
             lora.check_settings(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, lora_targets(cfg))
@@ -554,6 +573,14 @@ def resolve_model(cfg, resumed):
         die(f"--model: {e}")
 
 
+def resolve_judge(cfg):
+    """--judge as a local dir (downloaded if a hub id), or one line saying which judge could not be found."""
+    try:
+        return resolve_checkpoint(cfg.judge)
+    except OSError as e:
+        die(f"--judge: {e}")
+
+
 def setup(cfg, given):
     """Every check of the settings, resume, distributed init, then data, tokenizer, models and optimizer."""
     # torchrun sets RANK/WORLD_SIZE; each rank takes P/world prompts of every step
@@ -594,6 +621,8 @@ def setup(cfg, given):
     need_ref = cfg.beta != 0 and not cfg.eval_only and not cfg.lora_rank
     need_model = need_ref or not state or bool(cfg.lora_rank)
     model_dir = resolve_model(cfg, state) if need_model and not is_hub_id(cfg.model) else None
+    need_judge = bool(cfg.judge) and not cfg.eval_only  # evaluation scores by the task's metrics, never a judge
+    judge_dir = resolve_judge(cfg) if need_judge and not is_hub_id(cfg.judge) else None
     if state:
         if bool(cfg.lora_rank) != os.path.isfile(os.path.join(ck[-1], lora.ADAPTER_CONFIG)):
             die(f"--resume {cfg.resume}: {ck[-1]} is {'a LoRA adapter' if not cfg.lora_rank else 'a full model'}; "
@@ -622,6 +651,13 @@ def setup(cfg, given):
     except TaskError as e:
         die(str(e))
     model_dir = resolve_model(cfg, state) if need_model and is_hub_id(cfg.model) else model_dir  # a download
+    judge_dir = resolve_judge(cfg) if need_judge and is_hub_id(cfg.judge) else judge_dir
+    jm = None
+    if need_judge:  # before the policy: a judge whose tokenizer cannot say yes/no fails before anything big loads
+        try:
+            jm = judge.Judge(judge_dir, cfg.judge_rubric, cfg.judge_max_tokens, device, torch.bfloat16 if bf16 else None)
+        except (OSError, ValueError) as e:
+            die(f"could not load the judge {cfg.judge!r}: {e}")
     src = ck[-1] if state else model_dir
     try:
         tok = Tokenizer(src)
@@ -662,10 +698,11 @@ def setup(cfg, given):
         + (f"LoRA r={cfg.lora_rank} on {cfg.lora_targets}: {sum(p.numel() for p in trainable(model)) / 1e6:.2f}M "
            "trainable; " if cfg.lora_rank else "")
         + "reference model: " + ('loaded (fp32 weights)' if ref else 'none (--eval-only)' if cfg.eval_only else
-                                 'none (beta=0)' if cfg.beta == 0 else 'none (LoRA: the policy with its adapters off)'))
+                                 'none (beta=0)' if cfg.beta == 0 else 'none (LoRA: the policy with its adapters off)')
+        + (f"; judge {cfg.judge} (rubric {cfg.judge_rubric}, weight {cfg.judge_weight})" if jm else ""))
     games = TASKS[cfg.task].game is not None and opts.get("mode") == "games"
-    return Run(cfg, TASKS[cfg.task], train, test, tok, tok_files, model, ref, opt, amp, device, rank, world, games,
-               cfg.prompts_per_step // world, start, log)
+    return Run(cfg, TASKS[cfg.task], train, test, tok, tok_files, model, ref, jm, opt, amp, device, rank, world,
+               games, cfg.prompts_per_step // world, start, log)
 
 
 # ----------------------------------------------------------------------------- the stages of a step
@@ -706,19 +743,32 @@ def rollout(run, examples, pos):
 
 
 def score(run, examples, texts, extra):
-    """Rewards per function and their weighted total (N,), and the task's 0/1 metrics, for every completion."""
+    """Rewards per function and their weighted total (N,), per-row metrics (the task's 0/1 ones, and judge_mass with
+    a judge), and the seconds the judge took."""
     # Every reward sees the example's fields, the row's extra fields (a game's record) and `prompt`, the prompt's
     # text, so a format reward can refuse reasoning copied from the instruction (rewards.well_formed). Row i
     # belongs to prompt i // G. Whole games are scored by the task's game rewards and metrics.
     G, task = run.cfg.group_size, run.task
     reward_list, metric_fns = (task.game_rewards, task.game_metrics) if run.games else (task.rewards, task.metrics)
     rows = [{**examples[i // G], **extra[i]} for i in range(len(texts))]
+    t0, mass = time.time(), None
+    if run.judge is not None:  # one batched forward per group (judge.py); the reward reads the row's score
+        with run.amp():
+            views = [judge_view(task, ex) for ex in examples]  # (question, reference or None) per prompt
+            judged = [run.judge.score(q, texts[p * G:(p + 1) * G], ref) for p, (q, ref) in enumerate(views)]
+        scores, mass = [torch.cat(t).tolist() for t in zip(*judged)] if judged else ([], [])
+        for r, s in zip(rows, scores):
+            r["judge"] = s
+        reward_list = reward_list + [(run.cfg.judge_weight, judge.judge)]
+    t_judge = time.time() - t0
     ptexts = [prompt_text(task.prompt(ex)) for ex in examples]  # once per prompt, not per completion
     scored = [combine(reward_list, t, prompt=ptexts[i // G], **ex) for i, (t, ex) in enumerate(zip(texts, rows))]
     total = torch.tensor([tot for tot, _ in scored])  # (N,)
     per_fn = {k: [per[k] for _, per in scored] for k in (scored[0][1] if scored else {})}
     accs = {k: [f(t, **ex) for t, ex in zip(texts, rows)] for k, f in metric_fns.items()}
-    return total, per_fn, accs
+    if mass is not None:
+        accs["judge_mass"] = mass  # P(yes) + P(no): near 0, the judge is not answering yes or no (judge.py)
+    return total, per_fn, accs, t_judge
 
 
 def advantages(run, total):
@@ -808,12 +858,16 @@ def log_step(run, step, ro, texts, total, per_fn, accs, zero_std, sums, gn, lr, 
     # Every metric is a global sum divided by a global count, so N ranks log what 1 process would; names say
     # exactly what they measure (reward/FN is each function's unweighted mean, kl is k3 per completion token).
     cfg, P = run.cfg, run.P
+    js = {}
+    if "judge" in per_fn:  # the score against length, as sums that add over ranks (a Pearson correlation below)
+        x, y = np.array(per_fn["judge"], dtype=np.float64), ro.lengths.double().cpu().numpy()
+        js = {"jx": x.sum(), "jy": y.sum(), "jxy": (x * y).sum(), "jxx": (x * x).sum(), "jyy": (y * y).sum()}
     g = all_sum({
         "rows": len(texts), "reward": total.sum().item(), "reward_sq": (total ** 2).sum().item(),
         **{f"reward/{k}": sum(v) for k, v in per_fn.items()}, **{k: sum(v) for k, v in accs.items()},
         "zero_std": zero_std * P, "groups": P, "len": float(ro.lengths.sum()),
         "truncated": float((~ro.stopped).sum()), "completion_tokens": float(ro.completion_mask.sum()), **times,
-        **sums}, run.world)
+        **sums, **js}, run.world)
     len_max = torch.tensor(float(ro.lengths.max()))
     if run.world > 1:
         len_max = len_max.to(dist_device())
@@ -830,6 +884,10 @@ def log_step(run, step, ro, texts, total, per_fn, accs, zero_std, sums, gn, lr, 
         "step_s": g["step_s"] / w, "completion_tokens": g["completion_tokens"],
         "tokens_per_s": g["completion_tokens"] / max(g["step_s"] / w, 1e-9),  # whole step, all ranks
     }
+    if js:  # judge_s: the judge's share of step_s; judge_len_corr: does the judge pay for length? (judge.py)
+        cov = n * g["jxy"] - g["jx"] * g["jy"]
+        var = (n * g["jxx"] - g["jx"] ** 2) * (n * g["jyy"] - g["jy"] ** 2)
+        metrics.update(judge_s=g["judge_s"] / w, judge_len_corr=cov / math.sqrt(var) if var > 0 else 0.0)
     if run.rank == 0:
         with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
@@ -922,12 +980,12 @@ def main(argv=None):
             with fail_together(run, step):  # one rank's error ends every rank with its message, not a hang
                 examples, pos = next_prompts(run, step)                  # 1. this rank's P prompts
                 ro, texts, t_sample, extra = rollout(run, examples, pos)  # 2. G completions (or games) each
-                total, per_fn, accs = score(run, examples, texts, extra)  # 3. rewards and metrics
+                total, per_fn, accs, t_judge = score(run, examples, texts, extra)  # 3. rewards and metrics
                 adv, zero_std = advantages(run, total)                   # 4. group-relative advantages
                 t0 = time.time()
                 ref_lp, old_lp = reference(run, ro)                      # 5. reference (and pi_old) log-probs
             sums, gn, lr = update(run, step, ro, adv, ref_lp, old_lp)    # 6. loss, backward, optimizer step(s)
-            times = {"sample_s": t_sample, "train_s": time.time() - t0, "step_s": time.time() - t_step}
+            times = {"sample_s": t_sample, "judge_s": t_judge, "train_s": time.time() - t0, "step_s": time.time() - t_step}
             metrics = log_step(run, step, ro, texts, total, per_fn, accs, zero_std, sums, gn, lr, times)  # 7. log
             print_step(run, step, metrics, t_run, texts, per_fn)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:  # then eval, checkpoint

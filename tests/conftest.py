@@ -38,8 +38,8 @@ def random_model(family="qwen2", tied=True, seed=0, **kw):
     return m
 
 
-def write_tokenizer(out_dir, vocab_size=320):
-    """A byte-level BPE tokenizer.json with ChatML specials (ids 0, 1, 2), trained on a few lines."""
+def write_tokenizer(out_dir, vocab_size=320, extra_text=()):
+    """A byte-level BPE tokenizer.json with ChatML specials (ids 0, 1, 2), trained on a few lines (and extra_text)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -48,15 +48,16 @@ def write_tokenizer(out_dir, vocab_size=320):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     text = ["<reasoning> The answer is 42. </reasoning> <answer> 42 </answer>",
             "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May."] * 20
+    text += list(extra_text) * 20
     tok.train_from_iterator(text, trainer)
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     return tok.get_vocab_size(with_added_tokens=True)
 
 
-def write_checkpoint(out_dir, family="qwen2", tied=True, seed=0):
+def write_checkpoint(out_dir, family="qwen2", tied=True, seed=0, extra_text=()):
     """A complete tiny checkpoint dir (config.json, model.safetensors, tokenizer.json); embedding > tokenizer vocab."""
     os.makedirs(out_dir, exist_ok=True)
-    n = write_tokenizer(out_dir)
+    n = write_tokenizer(out_dir, extra_text=extra_text)
     m = random_model(family, tied, seed, vocab_size=n + 16)  # padded embedding rows, like Qwen's 151936
     m.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
@@ -67,3 +68,10 @@ def write_checkpoint(out_dir, family="qwen2", tied=True, seed=0):
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     return write_checkpoint(str(tmp_path_factory.mktemp("tiny")), "qwen2", tied=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_judge(tmp_path_factory):
+    """A tiny checkpoint whose tokenizer has yes/no words as single tokens, as real judges' tokenizers do."""
+    return write_checkpoint(str(tmp_path_factory.mktemp("judge")), "llama", tied=False, seed=1,
+                            extra_text=["yes no Yes No", "Verdict: yes. Verdict: no."])

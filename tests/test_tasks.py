@@ -155,3 +155,10 @@ def test_gsm8k_checksummed_file_is_used_without_network(tmp_path, monkeypatch):
         g.write(f.read())
     monkeypatch.setattr(T.urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded again"))
     assert len(T.read_gsm8k(T.gsm8k_file("", str(tmp_path), "test"))) == 1319
+
+
+def test_judge_view_of_each_task():
+    assert T.judge_view(T.TASKS["arith"], {"question": "What is 1 + 2?", "gold": "3"}) == ("What is 1 + 2?", "3")
+    assert T.judge_view(T.TASKS["gsm8k"], {"question": "Q?", "gold": 18}) == ("Q?", "18")
+    q, ref = T.judge_view(T.TASKS["wordle"], {"secret": "CRANE", "history": []})
+    assert ref is None and "CRANE" not in q and "guess" in q.lower()  # the game, never its secret

@@ -51,7 +51,7 @@ def metrics(run):
     return [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))]
 
 
-TIMING = ("sample_s", "train_s", "step_s", "tokens_per_s")
+TIMING = ("sample_s", "judge_s", "train_s", "step_s", "tokens_per_s")
 
 
 def without_timing(rows):
@@ -404,6 +404,10 @@ def nothing_loads(monkeypatch):
     (["--eval-only", "--eval-n", "0"], "--eval-only with --eval-n 0 would evaluate nothing"),
     (["--seed", "-1"], "--seed must be >= 0, got -1"),
     (["--model", "/nonexistent/model"], "--model: /nonexistent/model: model directory not found"),
+    (["--judge", "/nonexistent/judge"], "--judge: /nonexistent/judge: model directory not found"),
+    (["--judge", "j", "--judge-rubric", "tone"], "--judge-rubric: rubric 'tone' is neither a built-in one"),
+    (["--judge", "j", "--judge-weight", "0"], "--judge-weight must be > 0, got 0.0"),
+    (["--judge-max-tokens", "0"], "--judge-max-tokens must be >= 1, got 0"),
 ])
 def test_bad_settings_are_one_line_before_anything_loads(tmp_path, nothing_loads, flags, message):
     with pytest.raises(SystemExit, match=message):
@@ -531,3 +535,23 @@ def test_wordle_eval_only(tiny_ckpt, tmp_path):
     train.main([*wordle_args(tiny_ckpt, out, "games"), "--eval-only"])
     ev = json.loads(open(out / "eval.jsonl").read())
     assert ev["n"] == 3 and ev["acc_win"] == 0 and ev["invalid_rate"] == 1.0 and ev["guesses_won"] is None
+
+
+def test_judge_adds_a_named_reward_and_its_cost_and_resumes_exactly(tiny_ckpt, tiny_judge, data_dir, tmp_path):
+    """--judge on gsm8k: reward/judge is one more term of the total at its weight, judge_s / judge_mass /
+    judge_len_corr are logged, and a resumed run equals the uninterrupted one (the judge is deterministic)."""
+    out = tmp_path / "run"
+    flags = ["--task", "gsm8k", "--steps", "3", "--save-every", "1", "--keep-last", "5", "--judge", tiny_judge,
+             "--judge-weight", "0.5", "--judge-rubric", "reasoning", "--judge-max-tokens", "8",
+             *args(tiny_ckpt, data_dir, out)]
+    train.main(flags)
+    rows = metrics(out)
+    weights = {f.__name__: w for w, f in train.TASKS["gsm8k"].rewards} | {"judge": 0.5}
+    for m in rows:
+        assert 0 < m["reward/judge"] < 1 and 0 < m["judge_mass"] <= 1 and -1 <= m["judge_len_corr"] <= 1
+        assert 0 < m["judge_s"] < m["step_s"]
+        assert m["reward_mean"] == pytest.approx(sum(w * m[f"reward/{k}"] for k, w in weights.items()), abs=1e-6)
+    assert len({m["reward/judge"] for m in rows}) == 3  # it scores what was sampled, not a constant
+    shutil.rmtree(out / "step-3")
+    train.main(["--resume", str(out)])
+    assert without_timing(metrics(out)) == without_timing(rows)
