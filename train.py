@@ -887,7 +887,8 @@ def log_step(run, step, ro, texts, total, per_fn, accs, zero_std, sums, gn, lr, 
     if js:  # judge_s: the judge's share of step_s; judge_len_corr: does the judge pay for length? (judge.py)
         cov = n * g["jxy"] - g["jx"] * g["jy"]
         var = (n * g["jxx"] - g["jx"] ** 2) * (n * g["jyy"] - g["jy"] ** 2)
-        metrics.update(judge_s=g["judge_s"] / w, judge_len_corr=cov / math.sqrt(var) if var > 0 else 0.0)
+        corr = max(-1.0, min(1.0, cov / math.sqrt(var))) if var > 0 else None  # None: no spread, no correlation
+        metrics.update(judge_s=g["judge_s"] / w, judge_len_corr=corr)
     if run.rank == 0:
         with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
