@@ -30,7 +30,20 @@ The loss is -J. Where this code departs from the paper or offers options:
     term's gradient coefficient is pi_ref/pi_theta - 1). It still pulls pi towards ref, which is its job.
  8. The log-probs are of logits / temperature, the distribution the sampler drew from (sample.py); top-k /
     top-p are not renormalised into them.
- 9. Not a departure, a note on cost: `token_logprobs` forwards each distinct prompt once and only the completions
+ 9. `ratio_level="sequence"` is GSPO (Zheng et al. 2025, arXiv 2507.18071, eq. 7), the ratio of Qwen3's RL: one
+    ratio per sequence, the geometric mean of its token ratios, s_i = exp(1/|o_i| sum_t (log pi - log pi_old)),
+    clipped per sequence and shared by its tokens, so with loss_type "grpo" the loss is GSPO's
+    -1/G sum_i min(s_i A_i, clip(s_i, 1-eps_low, 1+eps_high) A_i). The paper clips far tighter than GRPO:
+    eps_low 3e-4, eps_high 4e-4 (a mean of log-ratios moves much less than one token's). As in TRL
+    (importance_sampling_level="sequence"), the k3 term stays per token.
+10. `is_weight` (N, T), when given, multiplies each token's policy-gradient term (not the KL term), detached:
+    truncated importance sampling (TIS; Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL training"; verl PR 2953, TRL PR 3867), w = min(pi_old_trainer / pi_sampler, C), corrects for
+    tokens drawn from a sampler whose probabilities differ from the trainer's (bf16, other kernels).
+11. `loss_normalizer(..., keep=)` counts only kept rows: overlong filtering (DAPO, arXiv 2503.14476, sec. 3.4)
+    zeroes truncated completions' masks, and the normaliser then excludes them: "grpo" divides by the kept
+    sequences, "token" by their tokens, "dr_grpo" by kept sequences x max_new_tokens.
+12. Not a departure, a note on cost: `token_logprobs` forwards each distinct prompt once and only the completions
     G times, attending to the prompt's keys/values (for the policy's update and the reference alike). The values
     and gradients are those of G full forwards (same math, fewer FLOPs: with a 207-token few-shot prompt and
     ~35-token completions, the full forwards spend ~85% of their work recomputing the prompt).
@@ -41,6 +54,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 LOSS_TYPES = ("grpo", "token", "dr_grpo")
+RATIO_LEVELS = ("token", "sequence")
 
 
 # ----------------------------------------------------------------------------- 1. group advantages
@@ -74,12 +88,20 @@ def group_advantages(rewards, G=None, scale="group", unbiased=True, eps=1e-4):
 
 # ----------------------------------------------------------------------------- 2. token log-probs
 
-def _chunk_logprobs(h, lm_head_w, target, temperature):
-    """log softmax(h W^T / T)[target] for one chunk of hidden states h (M, C) -> (M,) fp32, also under autocast."""
+def _chunk_logprobs(h, lm_head_w, target, temperature, entropy=False):
+    """log softmax(h W^T / T)[target] for one chunk of hidden states h (M, C) -> (M,) fp32, also under autocast;
+    with entropy, also the entropy (M,) of that softmax, without gradient."""
     # fp32 matmul even under bf16 autocast: bf16 logits would carry up to ~0.1 nats of rounding (model.logits)
     with torch.autocast(h.device.type, enabled=False):
         z = (h.float() @ lm_head_w.float().t()) / temperature  # (M, V): the only V-sized tensor, one chunk at a time
-    return z.gather(-1, target[:, None]).squeeze(-1) - z.logsumexp(-1)  # (M,)
+    lse = z.logsumexp(-1)  # (M,)
+    lp = z.gather(-1, target[:, None]).squeeze(-1) - lse  # (M,)
+    if not entropy:
+        return lp
+    with torch.no_grad():  # H = -sum p log p = logsumexp(z) - sum p z, with p = softmax(z)
+        zd = z.detach()
+        ent = lse.detach() - (torch.softmax(zd, -1) * zd).sum(-1)  # (M,)
+    return lp, ent
 
 
 def distinct_prompts(prompt_ids, prompt_mask):
@@ -97,12 +119,14 @@ def distinct_prompts(prompt_ids, prompt_mask):
 
 
 def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0, chunk=1024,
-                   share_prompt=True):
-    """Log-prob of each completion token under `model` at `temperature`: (N, T) fp32, 0 outside completion_mask.
+                   share_prompt=True, entropy=False):
+    """Log-prob of each completion token under `model` at `temperature`: (N, T) fp32, 0 outside completion_mask;
+    with entropy, (log-probs, entropies) where entropies (N, T) are of the whole next-token distribution at each
+    completion position (no gradient), computed in the same chunks, so no (N, T, V) tensor exists.
 
     Hidden states come from one forward over prompt + completion, or, when rows share prompts (GRPO's G rows of
     a group) and share_prompt, from a forward of the U distinct prompts (keys/values returned) and then one of
-    the completions alone attending to them (note 9): each layer's prompt k, v are indexed out to the N rows
+    the completions alone attending to them (note 12): each layer's prompt k, v are indexed out to the N rows
     (differentiable, so the G rows' gradients sum into the one prompt forward), the prompt's last hidden state
     predicts completion token 0, and completion positions 0..T-2 predict tokens 1..T-1, at the positions and
     under the mask that the full forward gives them. Same values and gradients (up to float rounding).
@@ -130,13 +154,15 @@ def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_ma
     w, temp = model.lm_head.weight, temperature or 1.0
     parts = []
     for s in range(0, hm.shape[0], chunk):
-        args = (hm[s:s + chunk], w, target[s:s + chunk], temp)
+        args = (hm[s:s + chunk], w, target[s:s + chunk], temp, entropy)
         grad = torch.is_grad_enabled() and (hm.requires_grad or w.requires_grad)
-        parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad else _chunk_logprobs(*args))
-    out = torch.zeros(completion_ids.shape, device=h.device, dtype=torch.float32)  # (N, T)
-    if parts:
-        out = out.masked_scatter(completion_mask, torch.cat(parts))
-    return out
+        out = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad else _chunk_logprobs(*args)
+        parts.append(out if entropy else (out,))
+    res = []
+    for k in range(2 if entropy else 1):  # log-probs, then entropies
+        full = torch.zeros(completion_ids.shape, device=h.device, dtype=torch.float32)  # (N, T)
+        res.append(full.masked_scatter(completion_mask, torch.cat([p[k] for p in parts])) if parts else full)
+    return tuple(res) if entropy else res[0]
 
 
 # ----------------------------------------------------------------------------- 3. the loss
@@ -147,42 +173,72 @@ def k3(logp, ref_logp):
     return torch.expm1(d) - d  # exp(d) - d - 1 rounds below 0 for small d (-1.1e-16 at d = 1e-8 in float64)
 
 
-def loss_normalizer(loss_type, completion_mask, max_new_tokens=None):
+def loss_normalizer(loss_type, completion_mask, max_new_tokens=None, keep=None):
     """The denominator of the loss for one whole optimizer batch; pass it to every micro-batch's grpo_loss.
 
     grpo: number of sequences (each already averaged over its own tokens); token: number of completion
-    tokens; dr_grpo: number of sequences x max_new_tokens.
+    tokens; dr_grpo: number of sequences x max_new_tokens. keep (N,) bool: count only those rows (note 11);
+    pass the mask with the dropped rows zeroed, so that "token" counts their tokens out too.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    rows = completion_mask.shape[0] if keep is None else int(keep.sum())
     if loss_type == "grpo":
-        return float(completion_mask.shape[0])
+        return float(max(rows, 1))
     if loss_type == "token":
         return float(max(int(completion_mask.sum()), 1))
     if max_new_tokens is None:
         raise ValueError("dr_grpo needs max_new_tokens")
-    return float(completion_mask.shape[0] * max_new_tokens)
+    return float(max(rows, 1) * max_new_tokens)
+
+
+def tis_weights(old_logp, sampler_logp, mask, cap):
+    """TIS weights (note 10): min(pi_old / pi_sampler, cap) per token (N, T), 0 outside the mask, without gradient."""
+    with torch.no_grad():
+        m = mask.bool()
+        d = (old_logp - sampler_logp).masked_fill(~m, 0.0)  # (N, T) log-ratio; padding zeroed before exp
+        return torch.exp(d).clamp(max=cap) * m
+
+
+def mismatch(old_logp, sampler_logp, mask, low=0.8, high=1.25):
+    """How far the sampler's token log-probs are from the trainer's, as sums over the masked tokens (so they add
+    over micro-batches and ranks): {abs: sum |delta|, max: max |delta|, out: tokens whose ratio pi_old / pi_sampler
+    is outside [low, high], tokens}."""
+    with torch.no_grad():
+        m = mask.bool()
+        d = (old_logp - sampler_logp).float()[m]  # (M,)
+        r = torch.exp(d)
+        return {"abs": d.abs().sum().item(), "max": d.abs().max().item() if d.numel() else 0.0,
+                "out": ((r < low) | (r > high)).sum().item(), "tokens": int(m.sum())}
 
 
 def grpo_loss(logp, old_logp, advantages, mask, normalizer, loss_type="grpo", ref_logp=None,
-              beta=0.04, eps_low=0.2, eps_high=None):
+              beta=0.04, eps_low=0.2, eps_high=None, ratio_level="token", is_weight=None):
     """The clipped surrogate with k3 penalty, summed over this micro-batch and divided by `normalizer`.
 
     logp, old_logp, ref_logp: (N, T) token log-probs (logp carries the gradient); advantages (N,); mask (N, T).
+    ratio_level: "token" (the paper) or "sequence" (GSPO, note 9); is_weight: (N, T) TIS weights (note 10).
     Returns (loss, stats) with stats the masked means of k3 KL, the ratio, and the fractions of tokens
     clipped at the low side (A < 0, ratio < 1-eps_low) and the high side (A > 0, ratio > 1+eps_high).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
     eps_high = eps_low if eps_high is None else eps_high
     m = mask.bool()
     mf = m.float()
     # zero the padding before any exp: a huge value there would give inf * 0 = NaN
     logp, old_logp = logp.masked_fill(~m, 0.0), old_logp.masked_fill(~m, 0.0)
     A = advantages.float()[:, None]  # (N, 1)
-    ratio = torch.exp(logp - old_logp)  # (N, T)
+    log_ratio = logp - old_logp  # (N, T)
+    if ratio_level == "sequence":  # GSPO: the mean over the sequence's own tokens, shared by all of them (note 9)
+        log_ratio = ((log_ratio * mf).sum(1, keepdim=True) / mf.sum(1, keepdim=True).clamp(min=1)).expand_as(logp)
+    ratio = torch.exp(log_ratio)  # (N, T)
     surrogate = torch.minimum(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)
     per_token = -surrogate
+    if is_weight is not None:  # TIS (note 10): a constant per token, on the policy-gradient term only
+        per_token = per_token * is_weight.detach()
     kl = None
     if beta != 0:
         if ref_logp is None:

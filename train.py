@@ -50,12 +50,13 @@ import torch.distributed as dist
 
 import judge
 import lora
-from grpo import LOSS_TYPES, group_advantages, grpo_loss, loss_normalizer, token_logprobs
+from grpo import (LOSS_TYPES, RATIO_LEVELS, group_advantages, grpo_loss, loss_normalizer, mismatch, tis_weights,
+                  token_logprobs)
 from model import Transformer, is_hub_id, resolve_checkpoint
 from play import play
 from rewards import combine
 from sample import generate
-from tasks import TASKS, Task, TaskError, judge_view, parse_options, prompt_text  # noqa: F401 (Task: for forkers and tests)
+from tasks import TASKS, Task, TaskError, judge_view, parse_options, prompt_text  # noqa: F401 (Task: forkers, tests)
 from tokenizer import Tokenizer
 
 
@@ -107,13 +108,21 @@ class TrainConfig:
     adv_unbiased_std: bool = arg(True, "Bessel-corrected std for advantages (np.std if off)")
     adv_eps: float = arg(1e-4, "added to the std of advantages")
     mu: int = arg(1, "update passes (optimizer steps) per batch of rollouts")
+    # ---- research knobs (README "Research knobs"); the defaults are the paper's GRPO
+    ratio_level: str = arg("token", "importance ratio per token (GRPO) or per sequence (GSPO, arXiv 2507.18071; it "
+                           "clips far tighter: --eps-low 3e-4 --eps-high 4e-4)", choices=RATIO_LEVELS)
+    mask_truncated: bool = arg(False, "overlong filtering (DAPO): completions cut at --max-new-tokens get no loss and "
+                               "leave the normaliser")
+    tis_cap: float = arg(0.0, "truncated importance sampling: weight each token's loss by min(pi_trainer / "
+                         "pi_sampler, C), detached (0 = off; >= 1, e.g. 2)")
     # ---- LLM-as-a-judge (judge.py): a frozen local model's yes/no verdict as one more reward, for any task
     judge: str = arg("", "judge model (local dir or hub id): its P(yes) that a completion meets --judge-rubric is "
                      "one more reward, reward/judge (judge.py); empty: no judge")
     judge_rubric: str = arg("correct", "the judge's criterion: a built-in rubric (correct, reasoning, concise) or a "
                             "text file holding one")
     judge_weight: float = arg(1.0, "weight of the judge's score (in [0, 1]) in the total reward")
-    judge_max_tokens: int = arg(512, "completion tokens the judge reads; the rest is cut, and the judge is told so")
+    judge_max_tokens: int = arg(512, "completion tokens the judge reads: a longer completion keeps its first 3/4 and "
+                                "last 1/4, and the judge is told how much was cut")
     # ---- LoRA (lora.py): train low-rank adapters only; the KL reference is the policy with its adapters off
     lora_rank: int = arg(0, "LoRA rank r (0 = full fine-tuning)")
     lora_alpha: float = arg(32.0, "LoRA alpha: the update is scaled by alpha / r")
@@ -481,6 +490,8 @@ def check_settings(cfg, world):
         die(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
     if not 0 <= cfg.adam_beta2 < 1:
         die(f"--adam-beta2 must be in [0, 1), got {cfg.adam_beta2}")
+    if not (cfg.tis_cap == 0 or cfg.tis_cap >= 1):  # also refuses NaN
+        die(f"--tis-cap must be 0 (off) or >= 1, got {cfg.tis_cap}: a cap below 1 would shrink every on-policy token")
     if not 0 <= cfg.eps_low < 1 or not (cfg.eps_high is None or cfg.eps_high >= 0):
         die(f"--eps-low must be in [0, 1) and --eps-high >= 0, got {cfg.eps_low} and {cfg.eps_high}")
     if cfg.resume and cfg.eval_only:
@@ -785,10 +796,11 @@ def micro_batches(run, ro):
     return [slice(s, s + run.cfg.micro_batch) for s in range(0, ro.completion_mask.shape[0], run.cfg.micro_batch)]
 
 
-def logprobs(run, m, ro, sl):
-    """Token log-probs (rows, T) of the sampled completions under model m, at the sampling temperature."""
+def logprobs(run, m, ro, sl, entropy=False):
+    """Token log-probs (rows, T) of the sampled completions under model m, at the sampling temperature (and with
+    entropy, the entropies (rows, T) of the next-token distributions there)."""
     return token_logprobs(m, ro.prompt_ids[sl], ro.prompt_mask[sl], ro.completion_ids[sl], ro.completion_mask[sl],
-                          run.cfg.temperature, run.cfg.logprob_chunk)
+                          run.cfg.temperature, run.cfg.logprob_chunk, entropy=entropy)
 
 
 @torch.no_grad()
@@ -809,29 +821,51 @@ def reference(run, ro):
     return ref_lp, old_lp
 
 
+def observe(sums, ent, old, ro, sl):
+    """Add a micro-batch's policy entropy and sampler mismatch (grpo.mismatch: sampler vs the trainer's pi_old) to
+    the step's sums, over every sampled token."""
+    # The mismatch is what --tis-cap corrects: with the sampler and trainer in one precision it is ~0 (rounding
+    # from a different batch make-up); bf16 rollouts or a compiled decode step make it larger.
+    mm = mismatch(old, ro.logprobs[sl], ro.completion_mask[sl])
+    sums["entropy"] += (ent * ro.completion_mask[sl]).sum().item()
+    sums["mm_abs"], sums["mm_out"], sums["sampled_tokens"] = (sums["mm_abs"] + mm["abs"], sums["mm_out"] + mm["out"],
+                                                               sums["sampled_tokens"] + mm["tokens"])
+    sums["mm_max"] = max(sums["mm_max"], mm["max"])
+
+
 def update(run, step, ro, adv, ref_lp, old_lp):
     """mu optimizer steps on this batch of rollouts; returns (summed loss stats, last grad norm, lr)."""
     cfg, model, opt = run.cfg, run.model, run.opt
-    mask, mbs = ro.completion_mask, micro_batches(run, ro)
+    mbs = micro_batches(run, ro)
+    # --mask-truncated: the loss sees only completions that stopped (grpo.py, note 11); log-probs, entropy and the
+    # mismatch still cover every sampled token
+    keep = ro.stopped if cfg.mask_truncated else None
+    mask = ro.completion_mask & ro.stopped[:, None] if cfg.mask_truncated else ro.completion_mask  # (N, T)
     # One normaliser for the whole optimizer batch, summed over ranks (grpo.py, departure 5): each micro-batch's
     # loss is already divided by it, so accumulating gradients over micro-batches and summing them over ranks
     # gives exactly the gradient of one big single-process batch.
-    norm = loss_normalizer(cfg.loss_type, mask, cfg.max_new_tokens)
+    norm = loss_normalizer(cfg.loss_type, mask, cfg.max_new_tokens, keep)
     if run.world > 1:
         norm = all_sum({"n": norm}, run.world)["n"]
     model.train()
-    sums = {"loss": 0.0, "kl": 0.0, "ratio": 0.0, "clip_low": 0.0, "clip_high": 0.0, "tokens": 0.0}
-    for _ in range(cfg.mu):
+    sums = {"loss": 0.0, "kl": 0.0, "ratio": 0.0, "clip_low": 0.0, "clip_high": 0.0, "tokens": 0.0, "entropy": 0.0,
+            "mm_abs": 0.0, "mm_out": 0.0, "mm_max": 0.0, "sampled_tokens": 0.0}
+    for pass_ in range(cfg.mu):
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
         with fail_together(run, step):  # a rank that fails here tells the others before they wait in all_reduce
             for sl in mbs:
-                with run.amp():
-                    lp = logprobs(run, model, ro, sl)
-                old = lp.detach() if old_lp is None else old_lp[sl]
+                with run.amp():  # on the first pass also the entropy (a softmax per chunk, for a metric)
+                    lp, ent = logprobs(run, model, ro, sl, entropy=True) if pass_ == 0 else \
+                        (logprobs(run, model, ro, sl), None)
+                old = lp.detach() if old_lp is None else old_lp[sl]  # the trainer's pi_old
+                if pass_ == 0:
+                    observe(sums, ent, old, ro, sl)
+                w = tis_weights(old, ro.logprobs[sl], mask[sl], cfg.tis_cap) if cfg.tis_cap else None
                 loss, st = grpo_loss(lp, old, adv[sl], mask[sl], norm, cfg.loss_type,
-                                     None if ref_lp is None else ref_lp[sl], cfg.beta, cfg.eps_low, cfg.eps_high)
+                                     None if ref_lp is None else ref_lp[sl], cfg.beta, cfg.eps_low, cfg.eps_high,
+                                     cfg.ratio_level, w)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"non-finite loss {loss.item()} at step {step}: {st}; advantages [{adv.min().item():.3g}, "
@@ -858,6 +892,8 @@ def log_step(run, step, ro, texts, total, per_fn, accs, zero_std, sums, gn, lr, 
     # Every metric is a global sum divided by a global count, so N ranks log what 1 process would; names say
     # exactly what they measure (reward/FN is each function's unweighted mean, kl is k3 per completion token).
     cfg, P = run.cfg, run.P
+    sums = dict(sums)
+    mm_max = sums.pop("mm_max")
     js = {}
     if "judge" in per_fn:  # the score against length, as sums that add over ranks (a Pearson correlation below)
         x, y = np.array(per_fn["judge"], dtype=np.float64), ro.lengths.double().cpu().numpy()
@@ -868,18 +904,22 @@ def log_step(run, step, ro, texts, total, per_fn, accs, zero_std, sums, gn, lr, 
         "zero_std": zero_std * P, "groups": P, "len": float(ro.lengths.sum()),
         "truncated": float((~ro.stopped).sum()), "completion_tokens": float(ro.completion_mask.sum()), **times,
         **sums, **js}, run.world)
-    len_max = torch.tensor(float(ro.lengths.max()))
+    maxes = torch.tensor([float(ro.lengths.max()), mm_max], dtype=torch.float64)  # reduced by max, not sum
     if run.world > 1:
-        len_max = len_max.to(dist_device())
-        dist.all_reduce(len_max, op=dist.ReduceOp.MAX)
-    n, ntok, w = g["rows"], max(g["tokens"], 1), run.world
+        maxes = maxes.to(dist_device())
+        dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+    len_max, mm_max = maxes.tolist()
+    n, ntok, nsam, w = g["rows"], max(g["tokens"], 1), max(g["sampled_tokens"], 1), run.world
     mean = g["reward"] / n
     metrics = {
         "step": step, "reward_mean": mean, "reward_std": math.sqrt(max(g["reward_sq"] / n - mean ** 2, 0.0)),
         **{k: g[k] / n for k in g if k.startswith("reward/")}, **{k: g[k] / n for k in accs},
-        "zero_std_frac": g["zero_std"] / g["groups"], "len_mean": g["len"] / n, "len_max": len_max.item(),
+        "zero_std_frac": g["zero_std"] / g["groups"], "len_mean": g["len"] / n, "len_max": len_max,
         "truncated_frac": g["truncated"] / n, "kl": g["kl"] / ntok, "ratio": g["ratio"] / ntok,
         "clip_low": g["clip_low"] / ntok, "clip_high": g["clip_high"] / ntok, "loss": g["loss"] / cfg.mu,
+        # over every sampled token: the policy's entropy, and the sampler's log-prob distance from the trainer's
+        "entropy": g["entropy"] / nsam, "mismatch_mean": g["mm_abs"] / nsam, "mismatch_max": mm_max,
+        "mismatch_out_frac": g["mm_out"] / nsam,
         "grad_norm": gn.item(), "lr": lr, "sample_s": g["sample_s"] / w, "train_s": g["train_s"] / w,
         "step_s": g["step_s"] / w, "completion_tokens": g["completion_tokens"],
         "tokens_per_s": g["completion_tokens"] / max(g["step_s"] / w, 1e-9),  # whole step, all ranks

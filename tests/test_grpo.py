@@ -587,6 +587,154 @@ def test_loss_argument_errors():
         grpo.loss_normalizer("dr_grpo", mask)
 
 
+# ----------------------------------------------------------------------------- 3b. GSPO, TIS, kept rows (notes 9-11)
+
+def gspo_loop(b, eps_low, eps_high, beta):
+    """GSPO eq. 7 with Python floats: -1/N sum_i min(s_i A_i, clip(s_i) A_i), s_i = exp(mean_t log ratio), plus
+    beta * each sequence's mean k3 (loss_type "grpo"); rows without tokens add nothing."""
+    logp, old, ref, mask, adv = (b[k].tolist() for k in ("logp", "old", "ref", "mask", "adv"))
+    total = 0.0
+    for i in range(len(logp)):
+        ts = [t for t in range(len(logp[i])) if mask[i][t]]
+        if not ts:
+            continue
+        s = math.exp(sum(logp[i][t] - old[i][t] for t in ts) / len(ts))
+        c = min(max(s, 1 - eps_low), 1 + eps_high)
+        kl = sum(math.exp(ref[i][t] - logp[i][t]) - (ref[i][t] - logp[i][t]) - 1 for t in ts) / len(ts)
+        total += -min(s * adv[i], c * adv[i]) + beta * kl
+    return total / len(logp)
+
+
+@MEDIUM
+@given(b=loss_batches(), **CLIP)
+def test_gspo_equals_a_loop_over_sequences(b, beta, eps_low, eps_high):
+    norm = grpo.loss_normalizer("grpo", b["mask"])
+    loss, _ = grpo.grpo_loss(b["logp"], b["old"], b["adv"], b["mask"], norm, "grpo", b["ref"] if beta else None, beta,
+                             eps_low, eps_high, ratio_level="sequence")
+    assert loss.item() == pytest.approx(gspo_loop(b, eps_low, eps_high if eps_high is not None else eps_low, beta),
+                                        rel=1e-9, abs=1e-12)
+
+
+@MEDIUM
+@given(b=loss_batches(max_T=1), loss_type=st.sampled_from(grpo.LOSS_TYPES), **CLIP)
+def test_gspo_with_one_token_per_sequence_is_the_token_level_loss(b, loss_type, beta, eps_low, eps_high):
+    kw = dict(ref_logp=b["ref"] if beta else None, beta=beta, eps_low=eps_low, eps_high=eps_high)
+    norm = grpo.loss_normalizer(loss_type, b["mask"], b["max_new"])
+    args = (b["logp"], b["old"], b["adv"], b["mask"], norm, loss_type)
+    tok, st_tok = grpo.grpo_loss(*args, **kw)
+    seq, st_seq = grpo.grpo_loss(*args, **kw, ratio_level="sequence")
+    assert seq.item() == pytest.approx(tok.item(), rel=1e-12, abs=1e-15) and st_seq == pytest.approx(st_tok)
+
+
+@MEDIUM
+@given(b=loss_batches(log_ratio=st.just(0.0)), loss_type=st.sampled_from(grpo.LOSS_TYPES))
+def test_gspo_at_ratio_one_has_the_policy_gradient(b, loss_type):
+    """At pi == pi_old, d loss / d logp_it = -A_i / |o_i| / normaliser x (|o_i| for "token"/"dr_grpo" aggregation,
+    which sums the sequence's equal per-token terms): the sequence-mean policy gradient, the same as token level."""
+    norm = grpo.loss_normalizer(loss_type, b["mask"], b["max_new"])
+    grads = []
+    for level in grpo.RATIO_LEVELS:
+        lp = b["logp"].clone().requires_grad_(True)
+        grpo.grpo_loss(lp, lp.detach(), b["adv"], b["mask"], norm, loss_type, None, 0.0, ratio_level=level)[0].backward()
+        grads.append(lp.grad)
+    m = b["mask"].double()
+    n = m.sum(1, keepdim=True).clamp(min=1)
+    per_seq = -b["adv"][:, None] / norm * m  # (N, T): d/dlogp of -A * sum_t ratio (token, dr_grpo aggregation)
+    expect_tok = per_seq / n if loss_type == "grpo" else per_seq
+    torch.testing.assert_close(grads[0], expect_tok, rtol=1e-9, atol=1e-12)
+    # sequence level: every token of a sequence gets 1/|o_i| of d s_i, times |o_i| copies for sum aggregation
+    torch.testing.assert_close(grads[1], expect_tok if loss_type == "grpo" else per_seq, rtol=1e-9, atol=1e-12)
+
+
+def test_gspo_clipped_sequence_gets_exactly_zero_gradient():
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    old = logp.detach().clone()
+    old[0] -= 0.01  # sequence 0: s = exp(0.01) > 1 + 4e-4, with A > 0: clipped
+    old[1, 0] -= 0.03  # sequence 1: one token far off (ratio 1.03), but s = exp(0.01) with A < 0: not clipped
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    loss, st = grpo.grpo_loss(logp, old, torch.tensor([1.0, -1.0], dtype=torch.float64), mask, 2.0, "grpo", None, 0.0,
+                              3e-4, 4e-4, ratio_level="sequence")
+    loss.backward()
+    assert torch.equal(logp.grad[0], torch.zeros(3)) and (logp.grad[1] != 0).all()
+    assert st["clip_high"] == pytest.approx(0.5)  # the three tokens of sequence 0, of six
+
+
+@MEDIUM
+@given(b=loss_batches(), loss_type=st.sampled_from(grpo.LOSS_TYPES), pad=st.integers(1, 3), junk=st.floats(-50, 50))
+def test_gspo_is_invariant_to_padding(b, loss_type, pad, junk):
+    """Extra masked columns holding any values change neither the loss nor the gradient of the real tokens."""
+    norm = grpo.loss_normalizer(loss_type, b["mask"], b["max_new"])
+    widen = lambda x, v: torch.cat([x, torch.full((x.shape[0], pad), v, dtype=x.dtype)], 1)  # noqa: E731
+    lp, lp2 = b["logp"].clone().requires_grad_(True), widen(b["logp"], junk).requires_grad_(True)
+    l1, _ = grpo.grpo_loss(lp, b["old"], b["adv"], b["mask"], norm, loss_type, b["ref"], 0.04, ratio_level="sequence")
+    l2, _ = grpo.grpo_loss(lp2, widen(b["old"], -junk), b["adv"], widen(b["mask"], False), norm, loss_type,
+                           widen(b["ref"], junk), 0.04, ratio_level="sequence")
+    assert l2.item() == pytest.approx(l1.item(), rel=1e-12, abs=1e-15)
+    (l1 + l2).backward()
+    torch.testing.assert_close(lp2.grad[:, :lp.shape[1]], lp.grad, rtol=1e-12, atol=1e-15)
+    assert torch.equal(lp2.grad[:, lp.shape[1]:], torch.zeros_like(lp2.grad[:, lp.shape[1]:]))
+
+
+@MEDIUM
+@given(b=loss_batches(), loss_type=st.sampled_from(grpo.LOSS_TYPES), level=st.sampled_from(grpo.RATIO_LEVELS),
+       cap=st.floats(1.0, 5.0), noise=st.floats(0.0, 2.0))
+def test_tis_weights_scale_the_policy_term_only_and_carry_no_gradient(b, loss_type, level, cap, noise):
+    norm = grpo.loss_normalizer(loss_type, b["mask"], b["max_new"])
+    sampler = b["old"] - noise * torch.linspace(-1, 1, b["old"].numel(), dtype=torch.float64).view_as(b["old"])
+    w = grpo.tis_weights(b["old"], sampler, b["mask"], cap)
+    assert (w <= cap).all() and (w >= 0).all() and not w.requires_grad
+    assert torch.equal(w[~b["mask"]], torch.zeros_like(w[~b["mask"]]))
+    kw = dict(loss_type=loss_type, ref_logp=b["ref"], beta=0.04, ratio_level=level)
+    args = (b["old"], b["adv"], b["mask"], norm)
+    lp1 = b["logp"].clone().requires_grad_(True)
+    grpo.grpo_loss(lp1, *args, **kw, is_weight=torch.ones_like(w))[0].backward()
+    lp0 = b["logp"].clone().requires_grad_(True)
+    grpo.grpo_loss(lp0, *args, **kw)[0].backward()
+    torch.testing.assert_close(lp1.grad, lp0.grad, rtol=0, atol=0)  # weight 1: nothing changes
+    # the weighted loss is the unweighted KL part plus the weighted policy part, token by token
+    lpw = b["logp"].clone().requires_grad_(True)
+    full, _ = grpo.grpo_loss(lpw, *args, **kw, is_weight=w.requires_grad_(True))
+    full.backward()
+    assert w.grad is None  # detached inside: no gradient reaches the weights
+    kl_only, _ = grpo.grpo_loss(b["logp"], *args, **kw, is_weight=torch.zeros_like(w))
+    pg_only, _ = grpo.grpo_loss(b["logp"], *args, **{**kw, "beta": 0.0, "ref_logp": None}, is_weight=w.detach())
+    assert full.item() == pytest.approx(kl_only.item() + pg_only.item(), rel=1e-9, abs=1e-12)
+
+
+def test_tis_weight_is_capped_and_one_when_sampler_equals_trainer():
+    old = torch.tensor([[-1.0, -2.0, -3.0]])
+    mask = torch.tensor([[True, True, False]])
+    assert torch.equal(grpo.tis_weights(old, old, mask, 2.0), torch.tensor([[1.0, 1.0, 0.0]]))
+    w = grpo.tis_weights(old, old - torch.tensor([[5.0, -0.5, 0.0]]), mask, 2.0)  # ratios e^5, e^-0.5
+    torch.testing.assert_close(w, torch.tensor([[2.0, math.exp(-0.5), 0.0]]))
+
+
+def test_kept_rows_normaliser_excludes_dropped_rows():
+    """Overlong filtering's convention (note 11): a dropped row is out of the mask and out of the normaliser."""
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    keep = torch.tensor([True, False, True])
+    kept = mask & keep[:, None]
+    assert grpo.loss_normalizer("grpo", kept, keep=keep) == 2.0
+    assert grpo.loss_normalizer("token", kept, keep=keep) == 3.0
+    assert grpo.loss_normalizer("dr_grpo", kept, 4, keep=keep) == 8.0
+    assert grpo.loss_normalizer("grpo", mask) == 3.0  # without keep: unchanged
+    logp = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    loss, _ = grpo.grpo_loss(logp, logp.detach() - 0.1, torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64), kept,
+                             grpo.loss_normalizer("grpo", kept, keep=keep), "grpo", None, 0.0)
+    loss.backward()
+    assert torch.equal(logp.grad[1], torch.zeros(3, dtype=torch.float64))  # the dropped row: no gradient
+
+
+def test_mismatch_sums_over_masked_tokens():
+    old = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
+    sampler = old - torch.tensor([[0.0, 0.5, 9.0], [-0.1, 0.0, 0.3]])  # the 9.0 sits under the mask
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    m = grpo.mismatch(old, sampler, mask)
+    assert m["tokens"] == 5 and m["abs"] == pytest.approx(0.9) and m["max"] == pytest.approx(0.5)
+    assert m["out"] == 2  # exp(0.5) = 1.65 and exp(0.3) = 1.35 are outside [0.8, 1.25]; exp(-0.1) = 0.90 is not
+    assert grpo.mismatch(old, old, mask) == {"abs": 0.0, "max": 0.0, "out": 0, "tokens": 5}
+
+
 # ----------------------------------------------------------------------------- 4. token log-probs
 
 @pytest.fixture(scope="module")
@@ -637,6 +785,27 @@ def test_token_logprobs_equal_naive(tiny64, prompt_lens, data, chunk, temperatur
     assert torch.equal(out[~c_mask], torch.zeros(int((~c_mask).sum())))
     assert torch.allclose(out.double(), ref, atol=2e-5, rtol=1e-5)
     assert torch.equal(out.detach(), out_nograd)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1024])
+def test_entropy_in_chunks_equals_a_full_softmax(tiny64, chunk):
+    """token_logprobs(..., entropy=True): the log-probs are unchanged and carry their gradient; the entropies equal
+    -sum p log p of a full float64 softmax at each completion position (at the temperature), 0 outside the mask,
+    without gradient."""
+    comp_lens = [2, 4, 0]
+    p_ids, p_mask, c_ids, c_mask = make_rollout([3, 1, 2], comp_lens, 4, tiny64.config.vocab_size, 5)
+    lp, ent = grpo.token_logprobs(tiny64, p_ids, p_mask, c_ids, c_mask, 0.7, chunk=chunk, entropy=True)
+    assert torch.equal(lp, grpo.token_logprobs(tiny64, p_ids, p_mask, c_ids, c_mask, 0.7, chunk=chunk))
+    assert lp.requires_grad and not ent.requires_grad
+    with torch.no_grad():
+        for i, n in enumerate(comp_lens):
+            ids = torch.cat([p_ids[i][p_mask[i]], c_ids[i, :n]])[None]
+            Tp = int(p_mask[i].sum())
+            logits = tiny64(ids)[0, Tp - 1:Tp - 1 + n].double() / 0.7  # (n, V): position t-1 predicts token t
+            logq = logits.log_softmax(-1)
+            expect = -(logq.exp() * logq).sum(-1)
+            torch.testing.assert_close(ent[i, :n].double(), expect, atol=2e-5, rtol=1e-5)
+            assert torch.equal(ent[i, n:], torch.zeros(4 - n))
 
 
 def test_temperature_zero_reports_temperature_one(tiny64):

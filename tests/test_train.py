@@ -2,6 +2,7 @@
 micro-batch invariance, no reference model at beta=0, and the documented errors."""
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -350,7 +351,8 @@ def test_bf16_autocast_on_cpu_is_exact_at_step_one_and_trains(tiny_ckpt, data_di
     assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0  # same weights, same dtype, same autocast: k3 exactly 0
     # sampling, the policy's and the reference's log-probs, and evaluation all ran under bf16 autocast
     assert {k for k, _, _ in seen} == {"logprobs", "generate"} and all(on for _, on, _ in seen)
-    assert all(x.dtype == torch.float32 for k, _, x in seen if k == "logprobs")
+    assert all(t.dtype == torch.float32 for k, _, x in seen if k == "logprobs"
+               for t in (x if isinstance(x, tuple) else (x,)))  # (log-probs, entropies) in the update
     assert all(x.logprobs.dtype == torch.float32 for k, _, x in seen if k == "generate")
     ours = Transformer.from_pretrained(str(out / "step-2"))
     assert all(p.dtype == torch.float32 for p in ours.parameters())  # fp32 master weights in the checkpoint
@@ -555,3 +557,36 @@ def test_judge_adds_a_named_reward_and_its_cost_and_resumes_exactly(tiny_ckpt, t
     shutil.rmtree(out / "step-3")
     train.main(["--resume", str(out)])
     assert without_timing(metrics(out)) == without_timing(rows)
+
+
+def one_step_weights(ckpt, data, out, *flags):
+    train.main(["--task", "toy", "--steps", "1", *args(ckpt, data, out), "--eval-n", "0", *flags])
+    return Transformer.from_pretrained(str(out / "step-1")).state_dict(), metrics(out)[0]
+
+
+def test_entropy_and_sampler_mismatch_are_logged_and_tis_changes_nothing_in_fp32(tiny_ckpt, data_dir, tmp_path,
+                                                                                  toy_task):
+    """fp32 sampler and trainer: the mismatch is rounding (< 1e-4 nats), so --tis-cap 2 weights every token ~1 and
+    the gradient is the same to fp32 tolerance; entropy is logged every step."""
+    _, m0 = one_step_weights(tiny_ckpt, data_dir, tmp_path / "a")
+    _, m1 = one_step_weights(tiny_ckpt, data_dir, tmp_path / "b", "--tis-cap", "2")
+    assert m0["mismatch_mean"] < 1e-4 and m0["mismatch_max"] < 1e-3 and m0["mismatch_out_frac"] == 0.0
+    assert 0 < m0["entropy"] <= math.log(400)  # nats, at most log(vocab)
+    # the grad norm sees any reweighting (the weights after Adam's first step, about lr * sign(grad), would not)
+    assert m1["loss"] == pytest.approx(m0["loss"], abs=1e-6)
+    assert m1["grad_norm"] == pytest.approx(m0["grad_norm"], rel=1e-5)
+
+
+def test_gspo_first_step_equals_grpo_and_mask_truncated_drops_cut_rows(tiny_ckpt, data_dir, tmp_path, toy_task):
+    """mu = 1: at the first pass every ratio is 1, where GSPO's gradient is the token-level one (grpo.py, note 9).
+    --mask-truncated with 3 new tokens cuts every completion of the random model: no loss, no gradient, and the
+    weights stay where they were."""
+    _, m0 = one_step_weights(tiny_ckpt, data_dir, tmp_path / "a")
+    _, m1 = one_step_weights(tiny_ckpt, data_dir, tmp_path / "b", "--ratio-level", "sequence")
+    assert m1["loss"] == pytest.approx(m0["loss"], abs=1e-6)
+    assert m1["grad_norm"] == pytest.approx(m0["grad_norm"], rel=1e-5)
+    cut, m = one_step_weights(tiny_ckpt, data_dir, tmp_path / "c", "--mask-truncated", "--max-new-tokens", "3",
+                              "--beta", "0")
+    assert m["truncated_frac"] == 1.0 and m["grad_norm"] == 0.0 and m["loss"] == 0.0
+    init = Transformer.from_pretrained(tiny_ckpt).state_dict()
+    assert all(torch.equal(cut[k], init[k]) for k in init)
