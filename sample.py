@@ -28,6 +28,30 @@ class Rollout:
     group_size: int
 
 
+def take_rows(ro, rows):
+    """The Rollout of the given rows (N',) of ro, in that order (train.py's dynamic sampling trains on a subset)."""
+    f = lambda x: x[rows.to(x.device)]  # noqa: E731
+    return Rollout(f(ro.prompt_ids), f(ro.prompt_mask), f(ro.completion_ids), f(ro.completion_mask), f(ro.lengths),
+                   f(ro.stopped), f(ro.logprobs), ro.group_size)
+
+
+def cat_rollouts(ros, pad_id):
+    """One Rollout holding the rows of several in order: prompts left-padded, completions right-padded to the longest.
+
+    The padding is outside every mask, so log-probs and losses of a row do not change (its positions come from its
+    mask: model.forward_hidden)."""
+    if len(ros) == 1:
+        return ros[0]
+    Tp, Tc = max(r.prompt_ids.shape[1] for r in ros), max(r.completion_ids.shape[1] for r in ros)
+    left = lambda x, v: torch.nn.functional.pad(x, (Tp - x.shape[1], 0), value=v)  # noqa: E731
+    right = lambda x, v: torch.nn.functional.pad(x, (0, Tc - x.shape[1]), value=v)  # noqa: E731
+    cat = lambda f: torch.cat([f(r) for r in ros])  # noqa: E731
+    return Rollout(cat(lambda r: left(r.prompt_ids, pad_id)), cat(lambda r: left(r.prompt_mask, False)),  # (N, Tp)
+                   cat(lambda r: right(r.completion_ids, pad_id)), cat(lambda r: right(r.completion_mask, False)),
+                   cat(lambda r: r.lengths), cat(lambda r: r.stopped), cat(lambda r: right(r.logprobs, 0.0)),  # (N, Tc)
+                   ros[0].group_size)
+
+
 def uniforms(generator, N, device):
     """(N, 1) fp64 uniforms in [0, 1) for sample_token. generator: None, one torch.Generator, or a list of them,
     one per prompt, each drawing for its N / len(list) rows, so that a prompt's draws do not depend on the others."""

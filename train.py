@@ -55,7 +55,7 @@ from grpo import (LOSS_TYPES, RATIO_LEVELS, group_advantages, grpo_loss, loss_no
 from model import Transformer, is_hub_id, resolve_checkpoint
 from play import play
 from rewards import combine
-from sample import generate
+from sample import cat_rollouts, generate, take_rows
 from tasks import TASKS, Task, TaskError, judge_view, parse_options, prompt_text  # noqa: F401 (Task: forkers, tests)
 from tokenizer import Tokenizer
 
@@ -113,6 +113,10 @@ class TrainConfig:
                            "clips far tighter: --eps-low 3e-4 --eps-high 4e-4)", choices=RATIO_LEVELS)
     mask_truncated: bool = arg(False, "overlong filtering (DAPO): completions cut at --max-new-tokens get no loss and "
                                "leave the normaliser")
+    dynamic_sampling: bool = arg(False, "dynamic sampling (DAPO): groups whose rewards are all equal are dropped and "
+                                 "more prompts drawn until the step has --prompts-per-step groups with a spread")
+    dynamic_max_rounds: int = arg(4, "with --dynamic-sampling, at most this many extra rounds of --prompts-per-step "
+                                  "prompts a step; then the step trains on the groups it found")
     tis_cap: float = arg(0.0, "truncated importance sampling: weight each token's loss by min(pi_trainer / "
                          "pi_sampler, C), detached (0 = off; >= 1, e.g. 2)")
     # ---- LLM-as-a-judge (judge.py): a frozen local model's yes/no verdict as one more reward, for any task
@@ -474,7 +478,7 @@ def check_settings(cfg, world):
         if getattr(cfg, name) < 1:
             die(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     for name in ("seed", "eval_n", "warmup_steps", "eval_every", "print_every", "top_k", "weight_decay", "grad_clip",
-                 "beta", "adv_eps"):
+                 "beta", "adv_eps", "dynamic_max_rounds"):
         if not getattr(cfg, name) >= 0:  # `not >=` also refuses NaN
             die(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.group_size < 2:
@@ -720,11 +724,21 @@ def setup(cfg, given):
 # Each stage is a function of the Run and what the earlier stages returned, so a forker can replace one (a
 # different reward mixing, another advantage estimator, a rollout engine) without touching the rest.
 
-def next_prompts(run, step):
-    """This rank's share of the step's global batch: (examples, their global data positions)."""
+EXTRA_POS = 2 ** 62  # dynamic sampling's extra rounds number their prompts from here: never a data position
+
+
+def next_prompts(run, step, round_=0):
+    """This rank's share of the step's global batch: (examples, their global data positions); round_ > 0: the
+    step's extra round of --dynamic-sampling."""
     # The order is a fixed permutation per epoch from (seed, epoch) alone, so it is the same for any number of
     # ranks and across a resume; rank r takes positions r*P .. r*P+P-1 of the step's global batch.
-    idx, pos = data_indices(step, run.cfg, len(run.train))
+    cfg, n = run.cfg, len(run.train)
+    if round_ == 0:
+        idx, pos = data_indices(step, cfg, n)
+    else:  # drawn from (seed, step, round) alone, so the data order, resume and rank count stay as without them
+        idx = np.random.default_rng([cfg.seed, step, round_]).integers(n, size=cfg.prompts_per_step).tolist()
+        pos = EXTRA_POS + ((step * (cfg.dynamic_max_rounds + 1) + round_) * cfg.prompts_per_step
+                           + np.arange(cfg.prompts_per_step))  # distinct sampling streams for every extra prompt
     sl = slice(run.rank * run.P, (run.rank + 1) * run.P)
     return [run.train[i] for i in idx[sl]], pos[sl]
 
@@ -782,12 +796,61 @@ def score(run, examples, texts, extra):
     return total, per_fn, accs, t_judge
 
 
-def advantages(run, total):
-    """Group-relative advantages (N,) on the training device, and the fraction of groups with zero spread."""
+def informative(run, total):
+    """Whether each of this rank's groups has a reward spread, gathered into one (rounds' global prompts,) bool."""
+    G, P, PG = run.cfg.group_size, run.P, run.cfg.prompts_per_step
+    r = total.view(-1, G)  # (P, G)
+    flags = torch.zeros(PG, dtype=torch.float64)
+    flags[run.rank * P:(run.rank + 1) * P] = (r.amax(1) != r.amin(1)).double()
+    if run.world > 1:
+        flags = flags.to(dist_device())
+        dist.all_reduce(flags)  # each rank filled its own slice
+    return flags.cpu().bool()
+
+
+def refill(run, step, ro, texts, total, per_fn, accs):
+    """--dynamic-sampling (DAPO, arXiv 2503.14476, sec. 3.3): while fewer than --prompts-per-step groups of the
+    step have a reward spread, draw another round of prompts (at most --dynamic-max-rounds). Returns everything
+    drawn, merged, the rows to train on (this rank's share of the first P informative groups, in global order:
+    round by round, prompt by prompt), the drawn/kept counts and the extra seconds of sampling and judging."""
+    # Every rank takes part in every round and in each round's exchange of flags, so they stop together, and the
+    # groups kept are those one process would keep: N ranks train on what 1 process would. A rank may keep fewer
+    # groups than another, or none (update() handles both without skewing the normaliser).
+    cfg, G, P, PG = run.cfg, run.cfg.group_size, run.P, run.cfg.prompts_per_step
+    parts, flags, dt = [(ro, texts, total, per_fn, accs)], [informative(run, total)], [0.0, 0.0]
+    while sum(int(f.sum()) for f in flags) < PG and len(flags) <= cfg.dynamic_max_rounds:
+        with fail_together(run, step):
+            examples, pos = next_prompts(run, step, len(flags))
+            ro_r, texts_r, t_s, extra = rollout(run, examples, pos)
+            total_r, per_fn_r, accs_r, t_j = score(run, examples, texts_r, extra)
+        parts.append((ro_r, texts_r, total_r, per_fn_r, accs_r))
+        dt = [dt[0] + t_s, dt[1] + t_j]
+        flags.append(informative(run, total_r))
+    rows, kept, base = [], 0, 0
+    for f in flags:  # global order; this rank's groups of a round are its slice of that round's prompts
+        for j in range(PG):
+            if f[j] and kept < PG:
+                kept += 1
+                if run.rank * P <= j < (run.rank + 1) * P:
+                    rows += range(base + (j - run.rank * P) * G, base + (j - run.rank * P + 1) * G)
+        base += P * G
+    ro = cat_rollouts([p[0] for p in parts], run.tok.pad_id)
+    per_fn = {k: sum((p[3][k] for p in parts), []) for k in per_fn}
+    accs = {k: sum((p[4][k] for p in parts), []) for k in accs}
+    ds = {"ds_rounds": len(flags) - 1, "ds_groups_drawn": len(flags) * PG, "ds_groups_kept": kept}
+    return (ro, sum((p[1] for p in parts), []), torch.cat([p[2] for p in parts]), per_fn, accs,
+            torch.tensor(rows, dtype=torch.long), ds, dt)
+
+
+def advantages(run, total, rows=None):
+    """Group-relative advantages (N,) on the training device (of the rows to train on, when given), and the fraction
+    of all the groups with zero spread."""
     # A group never spans ranks, so its mean and std are exact locally; with --adv-scale batch the std is this
     # rank's batch's (grpo.py, departure 2). A zero-std group gets 0: it teaches nothing, and says so in the log.
-    adv, zero_std = group_advantages(total, run.cfg.group_size, run.cfg.adv_scale, run.cfg.adv_unbiased_std,
-                                     run.cfg.adv_eps)
+    cfg = run.cfg
+    adv, zero_std = group_advantages(total, cfg.group_size, cfg.adv_scale, cfg.adv_unbiased_std, cfg.adv_eps)
+    if rows is not None:  # --dynamic-sampling: the kept groups alone (the batch std, with --adv-scale batch)
+        adv = group_advantages(total[rows], cfg.group_size, cfg.adv_scale, cfg.adv_unbiased_std, cfg.adv_eps)[0]
     return adv.to(run.device), zero_std
 
 
@@ -811,6 +874,8 @@ def reference(run, ro):
     # and no extra forward is needed. The sampler's log-probs are not used as pi_old: under autocast or a
     # different batch make-up they can differ from the trainer's by rounding.
     mbs, ref_lp = micro_batches(run, ro), None
+    if not mbs:  # --dynamic-sampling left this rank no rows: nothing to compute
+        return None, None
     with run.amp():
         if run.ref is not None:
             ref_lp = torch.cat([logprobs(run, run.ref, ro, sl) for sl in mbs])
@@ -844,9 +909,11 @@ def update(run, step, ro, adv, ref_lp, old_lp):
     # One normaliser for the whole optimizer batch, summed over ranks (grpo.py, departure 5): each micro-batch's
     # loss is already divided by it, so accumulating gradients over micro-batches and summing them over ranks
     # gives exactly the gradient of one big single-process batch.
-    norm = loss_normalizer(cfg.loss_type, mask, cfg.max_new_tokens, keep)
+    # a rank with nothing to train on (dynamic sampling, overlong filtering) adds 0, and only the sum is kept >= 1
+    norm = loss_normalizer(cfg.loss_type, mask, cfg.max_new_tokens, keep) if mask.any() else 0.0
     if run.world > 1:
         norm = all_sum({"n": norm}, run.world)["n"]
+    empty, norm = norm == 0, max(norm, 1.0)  # empty: no rank has a token to learn from; no optimizer step either
     model.train()
     sums = {"loss": 0.0, "kl": 0.0, "ratio": 0.0, "clip_low": 0.0, "clip_high": 0.0, "tokens": 0.0, "entropy": 0.0,
             "mm_abs": 0.0, "mm_out": 0.0, "mm_max": 0.0, "sampled_tokens": 0.0}
@@ -877,21 +944,24 @@ def update(run, step, ro, adv, ref_lp, old_lp):
                 sums["tokens"] += st["tokens"]
         if run.world > 1:  # summed, not averaged: each rank's loss already carries the global normaliser
             for p in trainable(model):
+                if p.grad is None:  # this rank had no rows: it adds zeros, and takes part in every all_reduce
+                    p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad)
         with fail_together(run, step):  # Adam's first step allocates its state: a likely place to run out of memory
             gn = torch.nn.utils.clip_grad_norm_(trainable(model), cfg.grad_clip or float("inf"))
             if not torch.isfinite(gn):  # the same on every rank: the gradients were all-reduced
                 die(f"non-finite grad norm at step {step}; {last_checkpoint(cfg)}")
-            opt.step()
+            if not empty:  # Adam would move the weights on zero gradients by its momentum: a step that learnt nothing
+                opt.step()
             opt.zero_grad(set_to_none=True)
     return sums, gn, lr
 
 
-def log_step(run, step, ro, texts, total, per_fn, accs, zero_std, sums, gn, lr, times):
+def log_step(run, step, ro, texts, total, per_fn, accs, zero_std, sums, gn, lr, times, ds=None):
     """Reduce the step's sums over ranks, append one line to metrics.jsonl, print a summary; returns the metrics."""
     # Every metric is a global sum divided by a global count, so N ranks log what 1 process would; names say
     # exactly what they measure (reward/FN is each function's unweighted mean, kl is k3 per completion token).
-    cfg, P = run.cfg, run.P
+    cfg = run.cfg
     sums = dict(sums)
     mm_max = sums.pop("mm_max")
     js = {}
@@ -901,7 +971,8 @@ def log_step(run, step, ro, texts, total, per_fn, accs, zero_std, sums, gn, lr, 
     g = all_sum({
         "rows": len(texts), "reward": total.sum().item(), "reward_sq": (total ** 2).sum().item(),
         **{f"reward/{k}": sum(v) for k, v in per_fn.items()}, **{k: sum(v) for k, v in accs.items()},
-        "zero_std": zero_std * P, "groups": P, "len": float(ro.lengths.sum()),
+        "zero_std": zero_std * len(texts) // cfg.group_size, "groups": len(texts) // cfg.group_size,
+        "len": float(ro.lengths.sum()),
         "truncated": float((~ro.stopped).sum()), "completion_tokens": float(ro.completion_mask.sum()), **times,
         **sums, **js}, run.world)
     maxes = torch.tensor([float(ro.lengths.max()), mm_max], dtype=torch.float64)  # reduced by max, not sum
@@ -924,6 +995,7 @@ def log_step(run, step, ro, texts, total, per_fn, accs, zero_std, sums, gn, lr, 
         "step_s": g["step_s"] / w, "completion_tokens": g["completion_tokens"],
         "tokens_per_s": g["completion_tokens"] / max(g["step_s"] / w, 1e-9),  # whole step, all ranks
     }
+    metrics.update(ds or {})  # --dynamic-sampling: global counts of the step's rounds and groups
     if js:  # judge_s: the judge's share of step_s; judge_len_corr: does the judge pay for length? (judge.py)
         cov = n * g["jxy"] - g["jx"] * g["jy"]
         var = (n * g["jxx"] - g["jx"] ** 2) * (n * g["jyy"] - g["jy"] ** 2)
@@ -1022,12 +1094,17 @@ def main(argv=None):
                 examples, pos = next_prompts(run, step)                  # 1. this rank's P prompts
                 ro, texts, t_sample, extra = rollout(run, examples, pos)  # 2. G completions (or games) each
                 total, per_fn, accs, t_judge = score(run, examples, texts, extra)  # 3. rewards and metrics
-                adv, zero_std = advantages(run, total)                   # 4. group-relative advantages
+            rows, ds, batch = None, None, ro
+            if cfg.dynamic_sampling:  # 3b. more rounds until P groups have a reward spread; train on those only
+                ro, texts, total, per_fn, accs, rows, ds, dt = refill(run, step, ro, texts, total, per_fn, accs)
+                batch, t_sample, t_judge = take_rows(ro, rows), t_sample + dt[0], t_judge + dt[1]
+            with fail_together(run, step):
+                adv, zero_std = advantages(run, total, rows)             # 4. group-relative advantages
                 t0 = time.time()
-                ref_lp, old_lp = reference(run, ro)                      # 5. reference (and pi_old) log-probs
-            sums, gn, lr = update(run, step, ro, adv, ref_lp, old_lp)    # 6. loss, backward, optimizer step(s)
+                ref_lp, old_lp = reference(run, batch)                   # 5. reference (and pi_old) log-probs
+            sums, gn, lr = update(run, step, batch, adv, ref_lp, old_lp)  # 6. loss, backward, optimizer step(s)
             times = {"sample_s": t_sample, "judge_s": t_judge, "train_s": time.time() - t0, "step_s": time.time() - t_step}
-            metrics = log_step(run, step, ro, texts, total, per_fn, accs, zero_std, sums, gn, lr, times)  # 7. log
+            metrics = log_step(run, step, ro, texts, total, per_fn, accs, zero_std, sums, gn, lr, times, ds)  # 7. log
             print_step(run, step, metrics, t_run, texts, per_fn)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:  # then eval, checkpoint
                 run_eval(run, step)

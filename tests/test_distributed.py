@@ -23,6 +23,9 @@ import train
 from test_train import chars_near_20
 g = train.TASKS["gsm8k"]
 train.TASKS["toy"] = train.Task(g.load, g.prompt, [(1.0, chars_near_20)], g.metrics)
+if os.environ.get("FLAT"):  # two of the six questions get no reward spread (dynamic sampling drops them)
+    from test_train import flat_for_some
+    train.TASKS["toy"] = train.Task(g.load, g.prompt, [(1.0, flat_for_some)], g.metrics)
 if os.environ.get("NAN_RANK") == os.environ.get("RANK", "0"):  # a non-finite loss on this rank only
     real = train.grpo_loss
     train.grpo_loss = lambda *a, **k: (lambda loss, st: (loss * float("nan"), st))(*real(*a, **k))
@@ -138,3 +141,21 @@ def test_lora_two_ranks_equal_one_process(setup, tmp_path):
     for m1, m2 in zip(without_timing(metrics(tmp_path / "one")), without_timing(metrics(tmp_path / "two"))):
         for k in m1:
             assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6), k
+
+
+def test_dynamic_sampling_two_ranks_equal_one_process(setup, tmp_path):
+    """Extra rounds are drawn and kept by global decisions (every rank in every exchange), so 2 ranks keep the groups
+    1 process keeps, even when one rank keeps more of them than the other, and the normaliser is the global one."""
+    flags = ("--steps", "3", "--dynamic-sampling", "--dynamic-max-rounds", "2", "--eval-n", "1")
+    run(setup, tmp_path / "one", 1, *flags, env_extra={"FLAT": "1"})
+    run(setup, tmp_path / "two", 2, *flags, env_extra={"FLAT": "1"})
+    one, two = without_timing(metrics(tmp_path / "one")), without_timing(metrics(tmp_path / "two"))
+    assert any(m["ds_rounds"] > 0 for m in one) and [m["step"] for m in two] == [1, 2, 3]
+    for m1, m2 in zip(one, two):
+        assert m1.keys() == m2.keys()
+        for k in m1:
+            assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6), k
+    a = Transformer.from_pretrained(str(tmp_path / "one" / "step-3")).state_dict()
+    b = Transformer.from_pretrained(str(tmp_path / "two" / "step-3")).state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-4, rtol=0, msg=k)  # lr 1e-2: 2% of Adam's step

@@ -590,3 +590,59 @@ def test_gspo_first_step_equals_grpo_and_mask_truncated_drops_cut_rows(tiny_ckpt
     assert m["truncated_frac"] == 1.0 and m["grad_norm"] == 0.0 and m["loss"] == 0.0
     init = Transformer.from_pretrained(tiny_ckpt).state_dict()
     assert all(torch.equal(cut[k], init[k]) for k in init)
+
+
+def flat_for_some(completion, question="", **_):
+    """A reward with no spread for two of the six questions (every completion scores 0), varied for the rest."""
+    return 0.0 if ("apples" in question or "pens" in question) else chars_near_20(completion)
+
+
+@pytest.fixture
+def flat_task(monkeypatch):
+    g = train.TASKS["gsm8k"]
+    monkeypatch.setitem(train.TASKS, "flat", train.Task(g.load, g.prompt, [(1.0, flat_for_some)], g.metrics))
+
+
+def trained_batches(monkeypatch):
+    """Record (rows, rewards of those rows) of every update: what a step actually trained on."""
+    seen, real_adv = [], train.advantages
+
+    def advantages(run, total, rows=None):
+        seen.append(total if rows is None else total[rows])
+        return real_adv(run, total, rows)
+    monkeypatch.setattr(train, "advantages", advantages)
+    return seen
+
+
+def test_dynamic_sampling_trains_only_on_groups_with_a_spread_and_resumes_exactly(tiny_ckpt, data_dir, tmp_path,
+                                                                                   flat_task, monkeypatch):
+    seen = trained_batches(monkeypatch)
+    out = tmp_path / "ds"
+    flags = ["--task", "flat", "--steps", "4", "--save-every", "2", "--keep-last", "5", "--dynamic-sampling",
+             *args(tiny_ckpt, data_dir, out)]
+    train.main(flags)
+    rows = metrics(out)
+    assert any(m["ds_rounds"] > 0 for m in rows)  # flat groups were drawn, and more prompts were drawn for them
+    for m, r in zip(rows, seen):
+        assert m["ds_groups_kept"] == 2 and m["ds_groups_drawn"] == 2 * (m["ds_rounds"] + 1)
+        g = r.view(-1, 4)
+        assert g.shape[0] == 2 and (g.amax(1) > g.amin(1)).all()  # P groups, each with a spread
+    plain = tmp_path / "plain"  # without the flag, flat groups are trained on (with zero advantage)
+    train.main([a if a != str(out) else str(plain) for a in flags if a != "--dynamic-sampling"])
+    assert any(m["zero_std_frac"] > 0 for m in metrics(plain)) and "ds_rounds" not in metrics(plain)[0]
+    shutil.rmtree(out / "step-4")
+    train.main(["--resume", str(out)])
+    assert without_timing(metrics(out)) == without_timing(rows)
+
+
+def test_dynamic_sampling_cap_trains_on_what_it_found(tiny_ckpt, data_dir, tmp_path, flat_task, monkeypatch):
+    """--dynamic-max-rounds 0: no extra draws; a step trains on its informative groups only, possibly none."""
+    seen = trained_batches(monkeypatch)
+    out = tmp_path / "cap"
+    train.main(["--task", "flat", "--steps", "3", "--dynamic-sampling", "--dynamic-max-rounds", "0",
+                *args(tiny_ckpt, data_dir, out), "--eval-n", "0"])
+    rows = metrics(out)
+    for m, r in zip(rows, seen):
+        assert m["ds_rounds"] == 0 and m["ds_groups_drawn"] == 2 and r.numel() == 4 * m["ds_groups_kept"]
+        assert m["zero_std_frac"] == pytest.approx(1 - m["ds_groups_kept"] / 2)
+    assert any(m["ds_groups_kept"] < 2 for m in rows)
