@@ -100,7 +100,7 @@ def _chunk_logprobs(h, lm_head_w, target, temperature, entropy=False):
         return lp
     with torch.no_grad():  # H = -sum p log p = logsumexp(z) - sum p z, with p = softmax(z)
         zd = z.detach()
-        ent = lse.detach() - (torch.softmax(zd, -1) * zd).sum(-1)  # (M,)
+        ent = lse.detach() - torch.softmax(zd, -1).mul_(zd).sum(-1)  # (M,): one more (M, V) tensor, not two
     return lp, ent
 
 

@@ -6,6 +6,7 @@ a step, then main(), whose loop shows the stages in order and nothing else:
   2. rollout       G completions per prompt from the current policy (sample.py, KV-cached, no grad)
   3. score         each reward function (tasks.py -> rewards.py), the judge's with --judge (judge.py), and the
                    task's 0/1 metrics
+     3b. refill    with --dynamic-sampling (DAPO): more rounds of prompts until P groups have a reward spread
   4. advantages    group-relative: (r - mean(group)) / (std(group) + eps)            (grpo.py)
   5. reference     the frozen reference's token log-probs, for the k3 KL term (beta > 0 only)
   6. update        clipped surrogate - beta * k3, backward over micro-batches, optimizer step(s)  (grpo.py)
@@ -811,8 +812,8 @@ def informative(run, total):
 def refill(run, step, ro, texts, total, per_fn, accs):
     """--dynamic-sampling (DAPO, arXiv 2503.14476, sec. 3.3): while fewer than --prompts-per-step groups of the
     step have a reward spread, draw another round of prompts (at most --dynamic-max-rounds). Returns everything
-    drawn, merged, the rows to train on (this rank's share of the first P informative groups, in global order:
-    round by round, prompt by prompt), the drawn/kept counts and the extra seconds of sampling and judging."""
+    drawn, merged, the rows to train on (pick_rows) and their Rollout, the drawn/kept counts, and the extra seconds
+    of sampling and judging."""
     # Every rank takes part in every round and in each round's exchange of flags, so they stop together, and the
     # groups kept are those one process would keep: N ranks train on what 1 process would. A rank may keep fewer
     # groups than another, or none (update() handles both without skewing the normaliser).
@@ -826,20 +827,29 @@ def refill(run, step, ro, texts, total, per_fn, accs):
         parts.append((ro_r, texts_r, total_r, per_fn_r, accs_r))
         dt = [dt[0] + t_s, dt[1] + t_j]
         flags.append(informative(run, total_r))
-    rows, kept, base = [], 0, 0
-    for f in flags:  # global order; this rank's groups of a round are its slice of that round's prompts
+    rows, kept = pick_rows(flags, run.rank, P, G)
+    with fail_together(run, step):  # no collective inside; a rank running out of memory here tells the others
+        ro = cat_rollouts([p[0] for p in parts], run.tok.pad_id)
+        per_fn = {k: sum((p[3][k] for p in parts), []) for k in per_fn}
+        accs = {k: sum((p[4][k] for p in parts), []) for k in accs}
+        batch = take_rows(ro, rows)
+    ds = {"ds_rounds": len(flags) - 1, "ds_groups_drawn": len(flags) * PG, "ds_groups_kept": kept}
+    return ro, sum((p[1] for p in parts), []), torch.cat([p[2] for p in parts]), per_fn, accs, rows, batch, ds, dt
+
+
+def pick_rows(flags, rank, P, G):
+    """(this rank's rows to train on (n,), groups kept globally) from each round's global informative flags (PG,):
+    the first PG informative groups in global order, round by round, prompt by prompt; rank r holds prompts
+    r*P .. r*P+P-1 of every round, and its rows of round k start at k*P*G (cat_rollouts' order)."""
+    PG, rows, kept = len(flags[0]), [], 0
+    for k, f in enumerate(flags):
         for j in range(PG):
             if f[j] and kept < PG:
                 kept += 1
-                if run.rank * P <= j < (run.rank + 1) * P:
-                    rows += range(base + (j - run.rank * P) * G, base + (j - run.rank * P + 1) * G)
-        base += P * G
-    ro = cat_rollouts([p[0] for p in parts], run.tok.pad_id)
-    per_fn = {k: sum((p[3][k] for p in parts), []) for k in per_fn}
-    accs = {k: sum((p[4][k] for p in parts), []) for k in accs}
-    ds = {"ds_rounds": len(flags) - 1, "ds_groups_drawn": len(flags) * PG, "ds_groups_kept": kept}
-    return (ro, sum((p[1] for p in parts), []), torch.cat([p[2] for p in parts]), per_fn, accs,
-            torch.tensor(rows, dtype=torch.long), ds, dt)
+                if rank * P <= j < (rank + 1) * P:
+                    start = k * P * G + (j - rank * P) * G
+                    rows += range(start, start + G)
+    return torch.tensor(rows, dtype=torch.long), kept
 
 
 def advantages(run, total, rows=None):
@@ -971,7 +981,7 @@ def log_step(run, step, ro, texts, total, per_fn, accs, zero_std, sums, gn, lr, 
     g = all_sum({
         "rows": len(texts), "reward": total.sum().item(), "reward_sq": (total ** 2).sum().item(),
         **{f"reward/{k}": sum(v) for k, v in per_fn.items()}, **{k: sum(v) for k, v in accs.items()},
-        "zero_std": zero_std * len(texts) // cfg.group_size, "groups": len(texts) // cfg.group_size,
+        "zero_std": round(zero_std * (len(texts) // cfg.group_size)), "groups": len(texts) // cfg.group_size,
         "len": float(ro.lengths.sum()),
         "truncated": float((~ro.stopped).sum()), "completion_tokens": float(ro.completion_mask.sum()), **times,
         **sums, **js}, run.world)
@@ -1094,16 +1104,17 @@ def main(argv=None):
                 examples, pos = next_prompts(run, step)                  # 1. this rank's P prompts
                 ro, texts, t_sample, extra = rollout(run, examples, pos)  # 2. G completions (or games) each
                 total, per_fn, accs, t_judge = score(run, examples, texts, extra)  # 3. rewards and metrics
-            rows, ds, batch = None, None, ro
+            rows, batch, ds = None, ro, None
             if cfg.dynamic_sampling:  # 3b. more rounds until P groups have a reward spread; train on those only
-                ro, texts, total, per_fn, accs, rows, ds, dt = refill(run, step, ro, texts, total, per_fn, accs)
-                batch, t_sample, t_judge = take_rows(ro, rows), t_sample + dt[0], t_judge + dt[1]
+                ro, texts, total, per_fn, accs, rows, batch, ds, dt = refill(run, step, ro, texts, total, per_fn, accs)
+                t_sample, t_judge = t_sample + dt[0], t_judge + dt[1]
             with fail_together(run, step):
                 adv, zero_std = advantages(run, total, rows)             # 4. group-relative advantages
                 t0 = time.time()
                 ref_lp, old_lp = reference(run, batch)                   # 5. reference (and pi_old) log-probs
             sums, gn, lr = update(run, step, batch, adv, ref_lp, old_lp)  # 6. loss, backward, optimizer step(s)
-            times = {"sample_s": t_sample, "judge_s": t_judge, "train_s": time.time() - t0, "step_s": time.time() - t_step}
+            times = {"sample_s": t_sample, "judge_s": t_judge, "train_s": time.time() - t0,
+                     "step_s": time.time() - t_step}
             metrics = log_step(run, step, ro, texts, total, per_fn, accs, zero_std, sums, gn, lr, times, ds)  # 7. log
             print_step(run, step, metrics, t_run, texts, per_fn)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:  # then eval, checkpoint

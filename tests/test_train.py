@@ -564,12 +564,28 @@ def one_step_weights(ckpt, data, out, *flags):
     return Transformer.from_pretrained(str(out / "step-1")).state_dict(), metrics(out)[0]
 
 
+def loss_calls(monkeypatch):
+    """Record the ratio level and TIS weights of every grpo_loss call of train.update."""
+    calls, real = [], train.grpo_loss
+
+    def grpo_loss(*a):
+        calls.append({"ratio_level": a[10], "is_weight": a[11]})
+        return real(*a)
+    monkeypatch.setattr(train, "grpo_loss", grpo_loss)
+    return calls
+
+
 def test_entropy_and_sampler_mismatch_are_logged_and_tis_changes_nothing_in_fp32(tiny_ckpt, data_dir, tmp_path,
-                                                                                  toy_task):
+                                                                                  toy_task, monkeypatch):
     """fp32 sampler and trainer: the mismatch is rounding (< 1e-4 nats), so --tis-cap 2 weights every token ~1 and
     the gradient is the same to fp32 tolerance; entropy is logged every step."""
+    calls = loss_calls(monkeypatch)
     _, m0 = one_step_weights(tiny_ckpt, data_dir, tmp_path / "a")
+    assert calls and all(c["is_weight"] is None for c in calls)
+    calls.clear()
     _, m1 = one_step_weights(tiny_ckpt, data_dir, tmp_path / "b", "--tis-cap", "2")
+    w = torch.cat([c["is_weight"][c["is_weight"] > 0] for c in calls])  # the weights of the masked tokens
+    assert calls and ((w - 1).abs() < 1e-3).all() and (w <= 2).all()
     assert m0["mismatch_mean"] < 1e-4 and m0["mismatch_max"] < 1e-3 and m0["mismatch_out_frac"] == 0.0
     assert 0 < m0["entropy"] <= math.log(400)  # nats, at most log(vocab)
     # the grad norm sees any reweighting (the weights after Adam's first step, about lr * sign(grad), would not)
@@ -577,12 +593,15 @@ def test_entropy_and_sampler_mismatch_are_logged_and_tis_changes_nothing_in_fp32
     assert m1["grad_norm"] == pytest.approx(m0["grad_norm"], rel=1e-5)
 
 
-def test_gspo_first_step_equals_grpo_and_mask_truncated_drops_cut_rows(tiny_ckpt, data_dir, tmp_path, toy_task):
+def test_gspo_first_step_equals_grpo_and_mask_truncated_drops_cut_rows(tiny_ckpt, data_dir, tmp_path, toy_task,
+                                                                       monkeypatch):
     """mu = 1: at the first pass every ratio is 1, where GSPO's gradient is the token-level one (grpo.py, note 9).
     --mask-truncated with 3 new tokens cuts every completion of the random model: no loss, no gradient, and the
     weights stay where they were."""
+    calls = loss_calls(monkeypatch)
     _, m0 = one_step_weights(tiny_ckpt, data_dir, tmp_path / "a")
     _, m1 = one_step_weights(tiny_ckpt, data_dir, tmp_path / "b", "--ratio-level", "sequence")
+    assert {c["ratio_level"] for c in calls} == {"token", "sequence"}  # the flag reaches the loss
     assert m1["loss"] == pytest.approx(m0["loss"], abs=1e-6)
     assert m1["grad_norm"] == pytest.approx(m0["grad_norm"], rel=1e-5)
     cut, m = one_step_weights(tiny_ckpt, data_dir, tmp_path / "c", "--mask-truncated", "--max-new-tokens", "3",
@@ -646,3 +665,17 @@ def test_dynamic_sampling_cap_trains_on_what_it_found(tiny_ckpt, data_dir, tmp_p
         assert m["ds_rounds"] == 0 and m["ds_groups_drawn"] == 2 and r.numel() == 4 * m["ds_groups_kept"]
         assert m["zero_std_frac"] == pytest.approx(1 - m["ds_groups_kept"] / 2)
     assert any(m["ds_groups_kept"] < 2 for m in rows)
+
+
+def test_pick_rows_keeps_the_first_informative_groups_in_global_order():
+    """Two ranks (P=2 each, G=3): the kept groups are those one process (P=4) keeps, split by who holds them,
+    and a rank may keep none."""
+    flags = [torch.tensor([True, False, False, True]), torch.tensor([True, True, True, True])]
+    r0, kept = train.pick_rows(flags, 0, 2, 3)
+    r1, _ = train.pick_rows(flags, 1, 2, 3)
+    one, kept1 = train.pick_rows(flags, 0, 4, 3)
+    assert kept == kept1 == 4  # round 0: prompts 0 and 3; round 1: prompts 0 and 1; the rest are over the cap
+    assert r0.tolist() == [0, 1, 2, 6, 7, 8, 9, 10, 11] and r1.tolist() == [3, 4, 5]
+    assert one.tolist() == [0, 1, 2, 9, 10, 11, 12, 13, 14, 15, 16, 17]  # the same groups, in one process's rows
+    r1, kept = train.pick_rows([torch.tensor([True, True, False, False])], 1, 2, 3)
+    assert r1.tolist() == [] and kept == 2
