@@ -34,8 +34,10 @@ The loss is -J. Where this code departs from the paper or offers options:
     ratio per sequence, the geometric mean of its token ratios, s_i = exp(1/|o_i| sum_t (log pi - log pi_old)),
     clipped per sequence and shared by its tokens, so with loss_type "grpo" the loss is GSPO's
     -1/G sum_i min(s_i A_i, clip(s_i, 1-eps_low, 1+eps_high) A_i). The paper clips far tighter than GRPO:
-    eps_low 3e-4, eps_high 4e-4 (a mean of log-ratios moves much less than one token's). As in TRL
-    (importance_sampling_level="sequence"), the k3 term stays per token.
+    eps_low 3e-4, eps_high 4e-4 (a mean of log-ratios moves much less than one token's). As in TRL 1.16
+    (importance_sampling_level="sequence", the same mean over the mask), the k3 term stays per token. With
+    loss_type "token" or "dr_grpo" the shared per-token terms are summed, which weights each sequence by its
+    length: GSPO's own objective is loss_type "grpo".
 10. `is_weight` (N, T), when given, multiplies each token's policy-gradient term (not the KL term), detached:
     truncated importance sampling (TIS; Yao et al. 2025, "Your efficient RL framework secretly brings you
     off-policy RL training"; verl PR 2953, TRL PR 3867), w = min(pi_old_trainer / pi_sampler, C), corrects for

@@ -110,8 +110,9 @@ class TrainConfig:
     adv_eps: float = arg(1e-4, "added to the std of advantages")
     mu: int = arg(1, "update passes (optimizer steps) per batch of rollouts")
     # ---- research knobs (README "Research knobs"); the defaults are the paper's GRPO
-    ratio_level: str = arg("token", "importance ratio per token (GRPO) or per sequence (GSPO, arXiv 2507.18071; it "
-                           "clips far tighter: --eps-low 3e-4 --eps-high 4e-4)", choices=RATIO_LEVELS)
+    ratio_level: str = arg("token", "importance ratio per token (GRPO) or per sequence (GSPO, arXiv 2507.18071; "
+                           "with --loss-type grpo and its tighter clip: --eps-low 3e-4 --eps-high 4e-4)",
+                           choices=RATIO_LEVELS)
     mask_truncated: bool = arg(False, "overlong filtering (DAPO): completions cut at --max-new-tokens get no loss and "
                                "leave the normaliser")
     dynamic_sampling: bool = arg(False, "dynamic sampling (DAPO): groups whose rewards are all equal are dropped and "

@@ -635,7 +635,8 @@ def test_gspo_at_ratio_one_has_the_policy_gradient(b, loss_type):
     grads = []
     for level in grpo.RATIO_LEVELS:
         lp = b["logp"].clone().requires_grad_(True)
-        grpo.grpo_loss(lp, lp.detach(), b["adv"], b["mask"], norm, loss_type, None, 0.0, ratio_level=level)[0].backward()
+        loss, _ = grpo.grpo_loss(lp, lp.detach(), b["adv"], b["mask"], norm, loss_type, None, 0.0, ratio_level=level)
+        loss.backward()
         grads.append(lp.grad)
     m = b["mask"].double()
     n = m.sum(1, keepdim=True).clamp(min=1)

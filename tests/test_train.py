@@ -550,7 +550,8 @@ def test_judge_adds_a_named_reward_and_its_cost_and_resumes_exactly(tiny_ckpt, t
     rows = metrics(out)
     weights = {f.__name__: w for w, f in train.TASKS["gsm8k"].rewards} | {"judge": 0.5}
     for m in rows:
-        assert 0 < m["reward/judge"] < 1 and 0 < m["judge_mass"] <= 1 and (m["judge_len_corr"] is None or -1 <= m["judge_len_corr"] <= 1)
+        assert 0 < m["reward/judge"] < 1 and 0 < m["judge_mass"] <= 1
+        assert m["judge_len_corr"] is None or -1 <= m["judge_len_corr"] <= 1
         assert 0 < m["judge_s"] < m["step_s"]
         assert m["reward_mean"] == pytest.approx(sum(w * m[f"reward/{k}"] for k, w in weights.items()), abs=1e-6)
     assert len({m["reward/judge"] for m in rows}) == 3  # it scores what was sampled, not a constant
