@@ -11,6 +11,10 @@ import sys
 import pytest
 import torch
 
+import checkpoint
+import config
+import evaluate
+import tokenizer
 import train
 from model import Transformer
 
@@ -161,13 +165,13 @@ def test_bad_flags_and_unknown_task(tiny_ckpt, data_dir, tmp_path):
 
 def test_help_documents_every_flag_with_default():
     r = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
-    for f in train.fields(train.TrainConfig):
+    for f in dataclasses.fields(config.TrainConfig):
         assert "--" + f.name.replace("_", "-") in r.stdout
     assert "(default: Qwen/Qwen2.5-0.5B-Instruct)" in " ".join(r.stdout.split())
 
 
 def test_lr_schedule_warms_up_then_decays_to_floor():
-    cfg = train.TrainConfig(lr=1.0, warmup_steps=4, steps=20, min_lr_ratio=0.1)
+    cfg = config.TrainConfig(lr=1.0, warmup_steps=4, steps=20, min_lr_ratio=0.1)
     lrs = [train.lr_at(s, cfg) for s in range(1, 21)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and abs(lrs[-1] - 0.1) < 1e-12
@@ -281,10 +285,10 @@ def interrupt_when(monkeypatch, cond):
     """Make train.score raise KeyboardInterrupt (a Ctrl-C mid-step) whenever cond() holds."""
     real = getattr(train.score, "real", train.score)
 
-    def score(run, examples, texts, extra):
+    def score(run, examples, sampled):
         if cond():
             raise KeyboardInterrupt
-        return real(run, examples, texts, extra)
+        return real(run, examples, sampled)
     score.real = real
     monkeypatch.setattr(train, "score", score)
 
@@ -317,9 +321,9 @@ def test_checkpoint_without_tokenizer_is_never_resumed(tiny_ckpt, data_dir, tmp_
     out = tmp_path / "run"
     train.main(["--task", "toy", "--steps", "2", "--save-every", "1", "--keep-last", "5", *args(tiny_ckpt, data_dir, out)])
     os.remove(out / "step-2" / "tokenizer.json")  # e.g. written by the old code after a rotation
-    assert train.checkpoints(str(out)) == [str(out / "step-1")]
+    assert checkpoint.checkpoints(str(out)) == [str(out / "step-1")]
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
-        train.read_tokenizer_files(str(out / "step-2"))
+        checkpoint.read_tokenizer_files(str(out / "step-2"))
     os.remove(out / "step-1" / "tokenizer.json")
     with pytest.raises(SystemExit, match="no complete checkpoint there"):
         train.main(["--resume", str(out)])
@@ -336,12 +340,13 @@ def test_abbreviated_flag_overrides_the_saved_config_on_resume(tiny_ckpt, data_d
 
 def test_bf16_autocast_on_cpu_is_exact_at_step_one_and_trains(tiny_ckpt, data_dir, tmp_path, toy_task, monkeypatch):
     # --dtype bf16 runs on CPU the mixed-precision code CUDA runs: sampler, log-probs, loss, optimizer, checkpoint
-    seen = []  # (autocast on?, the log-probs) of every token_logprobs and generate call
+    seen = []  # (kind, autocast on?, the result, where) of every token_logprobs and generate call
     real_lp, real_gen = train.token_logprobs, train.generate
     monkeypatch.setattr(train, "token_logprobs", lambda *a, **k: seen.append(
-        ("logprobs", torch.is_autocast_enabled("cpu"), real_lp(*a, **k))) or seen[-1][2])
-    monkeypatch.setattr(train, "generate", lambda *a, **k: seen.append(
-        ("generate", torch.is_autocast_enabled("cpu"), real_gen(*a, **k))) or seen[-1][2])
+        ("logprobs", torch.is_autocast_enabled("cpu"), real_lp(*a, **k), "update")) or seen[-1][2])
+    for module, where in ((train, "rollout"), (evaluate, "eval")):  # patched where each calls generate
+        monkeypatch.setattr(module, "generate", lambda *a, where=where, **k: seen.append(
+            ("generate", torch.is_autocast_enabled("cpu"), real_gen(*a, **k), where)) or seen[-1][2])
     out = tmp_path / "bf16"
     log = []
     monkeypatch.setattr("builtins.print", lambda *a, **k: log.append(" ".join(map(str, a))))
@@ -350,10 +355,10 @@ def test_bf16_autocast_on_cpu_is_exact_at_step_one_and_trains(tiny_ckpt, data_di
     rows = metrics(out)
     assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0  # same weights, same dtype, same autocast: k3 exactly 0
     # sampling, the policy's and the reference's log-probs, and evaluation all ran under bf16 autocast
-    assert {k for k, _, _ in seen} == {"logprobs", "generate"} and all(on for _, on, _ in seen)
-    assert all(t.dtype == torch.float32 for k, _, x in seen if k == "logprobs"
+    assert {where for *_, where in seen} == {"update", "rollout", "eval"} and all(on for _, on, _, _ in seen)
+    assert all(t.dtype == torch.float32 for k, _, x, _ in seen if k == "logprobs"
                for t in (x if isinstance(x, tuple) else (x,)))  # (log-probs, entropies) in the update
-    assert all(x.logprobs.dtype == torch.float32 for k, _, x in seen if k == "generate")
+    assert all(x.logprobs.dtype == torch.float32 for k, _, x, _ in seen if k == "generate")
     ours = Transformer.from_pretrained(str(out / "step-2"))
     assert all(p.dtype == torch.float32 for p in ours.parameters())  # fp32 master weights in the checkpoint
     init = Transformer.from_pretrained(tiny_ckpt)
@@ -380,8 +385,8 @@ def forbid_loading(mp, data=True):
     """Make any model or tokenizer load (and, with data, any dataset load) fail the test."""
     def boom(*a, **k):
         raise AssertionError("loaded something before refusing the settings")
-    mp.setattr(train.Transformer, "from_pretrained", classmethod(boom))
-    mp.setattr(train, "Tokenizer", boom)
+    mp.setattr(Transformer, "from_pretrained", classmethod(boom))  # the class, wherever a file imported it
+    mp.setattr(tokenizer.Tokenizer, "__init__", boom)
     for name in list(train.TASKS) if data else []:
         mp.setattr(train.TASKS[name], "load", boom)
 
@@ -569,9 +574,9 @@ def loss_calls(monkeypatch):
     """Record the ratio level and TIS weights of every grpo_loss call of train.update."""
     calls, real = [], train.grpo_loss
 
-    def grpo_loss(*a):
-        calls.append({"ratio_level": a[10], "is_weight": a[11]})
-        return real(*a)
+    def grpo_loss(*a, **k):
+        calls.append({"ratio_level": k["ratio_level"], "is_weight": k["is_weight"]})
+        return real(*a, **k)
     monkeypatch.setattr(train, "grpo_loss", grpo_loss)
     return calls
 
@@ -627,9 +632,10 @@ def trained_batches(monkeypatch):
     """Record (rows, rewards of those rows) of every update: what a step actually trained on."""
     seen, real_adv = [], train.advantages
 
-    def advantages(run, total, rows=None):
-        seen.append(total if rows is None else total[rows])
-        return real_adv(run, total, rows)
+    def advantages(run, batch):
+        total = batch.drawn.total
+        seen.append(total if batch.rows is None else total[batch.rows])
+        return real_adv(run, batch)
     monkeypatch.setattr(train, "advantages", advantages)
     return seen
 

@@ -1,0 +1,92 @@
+"""Held-out evaluation, greedy so that a score is a property of the weights alone: pass@1 on test problems, or
+whole test games played to their end; sharded across ranks, recorded in the run dir.
+
+eval.jsonl gets one line of scores per evaluation, eval/step-N.jsonl every completion (or game) it scored.
+Legend: N rows (one per problem in an evaluation batch).
+"""
+import json
+import os
+import time
+
+import torch
+
+from checkpoint import append_jsonl
+from play import play
+from ranks import gather_records
+from sample import generate
+
+
+def completion_texts(tok, ro):
+    """Decoded completions, without the final stop token (rewards see only the text)."""
+    # lengths include the stop token when a row stopped; a truncated row keeps all its tokens
+    out = []
+    for ids, n, stopped in zip(ro.completion_ids.tolist(), ro.lengths.tolist(), ro.stopped.tolist()):
+        out.append(tok.decode(ids[:n - int(stopped)]))
+    return out
+
+
+def progress(log, *, done, world, total, mine, t0, scores, unit=""):
+    """One line after every batch (problems done, running scores, ETA): a silent long evaluation looks hung."""
+    dt = time.time() - t0  # rank 0's share stands for every rank's: shards differ by <= 1
+    eta = dt / done * (mine - done)
+    log(f"  eval {min(done * world, total)}/{total}{unit} | {scores} | {dt:.0f} s, ETA {eta:.0f} s", flush=True)
+
+
+@torch.no_grad()
+def evaluate(model, tok, task, test, *, n, batch, max_new_tokens, amp, rank, world, log=print):
+    """Greedy pass@1 on the first n test problems, sharded across ranks; returns (metrics, per-problem rows)."""
+    total = min(n, len(test))
+    mine = list(range(rank, total, world))
+    rows, t0 = [], time.time()
+    for s in range(0, len(mine), batch):
+        idx = mine[s:s + batch]
+        prompts = [tok.encode_chat(task.prompt(test[i])) for i in idx]
+        with amp:
+            ro = generate(model, prompts, G=1, max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids,
+                          vocab_size=tok.vocab_size, pad_id=tok.pad_id)
+        for i, text in zip(idx, completion_texts(tok, ro)):
+            rows.append({"index": i, "completion": text, **{k: f(text, **test[i]) for k, f in task.metrics.items()}})
+        accs = " ".join(f"{k} {sum(r[k] for r in rows) / len(rows):.3f}" for k in task.metrics)
+        progress(log, done=len(rows), world=world, total=total, mine=len(mine), t0=t0, scores=accs)
+    rows = gather_records(rows, world)
+    count = max(len(rows), 1)
+    return {"n": len(rows), **{k: sum(r[k] for r in rows) / count for k in task.metrics}}, rows
+
+
+@torch.no_grad()
+def evaluate_games(model, tok, task, test, *, n, batch, max_new_tokens, amp, rank, world, log=print):
+    """Play the first n test games to their end, greedy, batch at a time, sharded across ranks; returns
+    (task.game_summary of the games, one record per game: its secret, turns with the model's text, result)."""
+    total = min(n, len(test))
+    mine = list(range(rank, total, world))
+    rows, t0 = [], time.time()
+    for s in range(0, len(mine), batch):
+        idx = mine[s:s + batch]
+        games = [task.game(test[i]) for i in idx]
+        play(model, tok, games, max_new_tokens=max_new_tokens, temperature=0.0, amp=amp)  # a generate call a turn
+        rows += [{"index": i, **g.record()} for i, g in zip(idx, games)]
+        summary = " ".join(f"{k} {v:.3f}" for k, v in task.game_summary(rows).items() if v is not None)
+        progress(log, done=len(rows), world=world, total=total, mine=len(mine), t0=t0, scores=summary,
+                 unit=" games")
+    rows = gather_records(rows, world)
+    return {"n": len(rows), **task.game_summary(rows)}, rows
+
+
+def evaluate_and_record(model, tok, task, test, step, *, cfg, amp, rank, world, log=print):
+    """Evaluate greedily on the test split, then write the scores to eval.jsonl and every completion to
+    eval/step-N.jsonl; returns the scores (None with --eval-n 0: no evaluation at all)."""
+    if cfg.eval_n == 0:
+        return None
+    log(f"eval step {step}: {min(cfg.eval_n, len(test))} test {'games' if task.game else 'problems'}, "
+        f"greedy, up to {cfg.max_new_tokens} new tokens{' a turn' if task.game else ''}")
+    metrics, rows = (evaluate_games if task.game else evaluate)(
+        model.eval(), tok, task, test, n=cfg.eval_n, batch=cfg.eval_batch, max_new_tokens=cfg.max_new_tokens,
+        amp=amp, rank=rank, world=world, log=log)
+    if rank == 0:
+        append_jsonl(os.path.join(cfg.out, "eval.jsonl"), {"step": step, **metrics})
+        os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)
+        with open(os.path.join(cfg.out, "eval", f"step-{step}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    log(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in metrics.items()))
+    return metrics
