@@ -50,27 +50,35 @@ QUESTIONS = [
 
 @dataclass
 class BenchConfig:
-    model: str = field(default="/tmp/smollm2", metadata={"help": "Hugging Face checkpoint directory (ours, transformers and TRL all load it)"})
+    model: str = field(default="/tmp/smollm2", metadata={"help": "Hugging Face checkpoint directory (ours, "
+                                                                 "transformers and TRL all load it)"})
     num_prompts: int = field(default=2, metadata={"help": "P: distinct prompts per batch", "short": "-P"})
     group_size: int = field(default=8, metadata={"help": "G: completions sampled per prompt", "short": "-G"})
     max_new_tokens: int = field(default=64, metadata={"help": "N: completion tokens per row at most", "short": "-N"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (1.0: off)"})
-    repeats: int = field(default=3, metadata={"help": "R: timed runs per implementation after one warm-up; tok/s is their "
-                                                       "total completion tokens over their total seconds"})
+    repeats: int = field(default=3, metadata={"help": "R: timed runs per implementation after one warm-up; tok/s is "
+                                                       "their total completion tokens over their total seconds"})
     threads: int = field(default=0, metadata={"help": "torch.set_num_threads (0: torch's default)"})
     device: str = field(default="cpu", metadata={"help": "device", "choices": ["cpu", "cuda"]})
-    dtype: str = field(default="float32", metadata={"help": "weights and KV cache dtype", "choices": ["float32", "bfloat16"]})
-    compile: bool = field(default=False, metadata={"help": "pass compile=True to sample.generate (torch.compile of the decode step)"})
-    random_init: str = field(default="", metadata={"help": "config.json to build a randomly initialised model from instead of --model; "
-                                                           "prompts are random ids and every row runs all N tokens"})
+    dtype: str = field(default="float32", metadata={"help": "weights and KV cache dtype",
+                                                    "choices": ["float32", "bfloat16"]})
+    compile: bool = field(default=False, metadata={"help": "pass compile=True to sample.generate (torch.compile of the "
+                                                           "decode step)"})
+    random_init: str = field(default="", metadata={"help": "config.json to build a randomly initialised model from "
+                                                           "instead of --model; prompts are random ids and every row "
+                                                           "runs all N tokens"})
     naive: bool = field(default=True, metadata={"help": "time the no-KV-cache baseline"})
-    naive_repeats: int = field(default=1, metadata={"help": "timed runs of the naive baseline (O(N^2) work: minutes per run on CPU)"})
-    transformers: bool = field(default=True, metadata={"help": "time transformers' generate() when transformers is importable"})
-    hbm_bandwidth: float = field(default=3.35e12, metadata={"help": "GPU memory bandwidth in B/s for the decode roofline (H100 SXM: 3.35e12)"})
+    naive_repeats: int = field(default=1, metadata={"help": "timed runs of the naive baseline (O(N^2) work: minutes "
+                                                            "per run on CPU)"})
+    transformers: bool = field(default=True, metadata={"help": "time transformers' generate() when transformers is "
+                                                               "importable"})
+    hbm_bandwidth: float = field(default=3.35e12, metadata={"help": "GPU memory bandwidth in B/s for the decode "
+                                                                    "roofline (H100 SXM: 3.35e12)"})
     seed: int = field(default=0, metadata={"help": "sampling / random-init seed"})
-    trl_python: str = field(default="", metadata={"help": f"interpreter with trl installed ('': {TRL_VENV_PYTHON} if present, "
-                                                          "else this one if it imports trl, else TRL is skipped)"})
+    trl_python: str = field(default="", metadata={"help": f"interpreter with trl installed ('': {TRL_VENV_PYTHON} "
+                                                          "if present, else this one if it imports trl, else TRL is "
+                                                          "skipped)"})
     beta: float = field(default=0.04, metadata={"help": "TRL GRPO KL coefficient (beta > 0 loads a reference model)"})
     trl_steps: int = field(default=3, metadata={"help": "timed TRL optimizer steps after one warm-up step"})
 
@@ -273,10 +281,12 @@ def cmd_sampler(cfg):
             prompts = chat_prompts(tok, cfg.num_prompts)
             stop_ids, vocab_size, pad_id, hf_dir = tuple(tok.stop_ids), tok.vocab_size, tok.pad_id, cfg.model
         model.eval()
-        print(f"prompt lengths {[len(p) for p in prompts]}, rows {len(prompts) * cfg.group_size}, stop ids {list(stop_ids)}")
+        print(f"prompt lengths {[len(p) for p in prompts]}, rows {len(prompts) * cfg.group_size}, "
+              f"stop ids {list(stop_ids)}")
 
         args = (prompts, cfg, stop_ids, vocab_size, pad_id)
-        runs = {"ours": (lambda s: run_ours(model, *args, cfg.seed + s), lambda: run_ours(model, *args, cfg.seed), None)}
+        runs = {"ours": (lambda s: run_ours(model, *args, cfg.seed + s), lambda: run_ours(model, *args, cfg.seed),
+                         None)}
         if cfg.naive:
             # the naive warm-up is 2 tokens: it has nothing to compile or cache, and a full one costs minutes on CPU
             runs["naive"] = (lambda s: run_naive(model, *args, cfg.seed + s),
@@ -482,7 +492,8 @@ def cmd_amp(cfg):
         print(f"{dtype}: step seconds {[round(r['step_s'], 2) for r in rows]} (first is warm-up), step-1 kl "
               f"{rows[0]['kl']}, mean completion length {[round(r['len_mean'], 1) for r in rows]}")
     f, b = res["fp32"], res["bf16"]
-    print(f"RESULT amp step fp32={f['step_s']:.3f}s bf16={b['step_s']:.3f}s bf16_speedup={f['step_s'] / b['step_s']:.2f}x "
+    print(f"RESULT amp step fp32={f['step_s']:.3f}s bf16={b['step_s']:.3f}s "
+          f"bf16_speedup={f['step_s'] / b['step_s']:.2f}x "
           f"(sample {f['sample_s'] / b['sample_s']:.2f}x, train {f['train_s'] / b['train_s']:.2f}x)")
     # completions differ between the two (other rounding, other samples), so compare per completion token as well
     return res
@@ -527,7 +538,8 @@ def cmd_lora(cfg):
     trl_s = time_trl_step(cfg.model, cfg.num_prompts, cfg.group_size, cfg.max_new_tokens, cfg.beta, cfg.trl_steps,
                           cfg.threads or None, cfg.trl_python, cfg.temperature, lora_rank=16, lora_alpha=32.0)
     f, l = res[0], res[16]
-    print(f"RESULT lora step full={f['step_s']:.3f}s lora16={l['step_s']:.3f}s lora_speedup={f['step_s'] / l['step_s']:.2f}x "
+    print(f"RESULT lora step full={f['step_s']:.3f}s lora16={l['step_s']:.3f}s "
+          f"lora_speedup={f['step_s'] / l['step_s']:.2f}x "
           f"rss full={f['rss'] / 2**30:.2f}GiB lora16={l['rss'] / 2**30:.2f}GiB "
           f"state full={(f['weights'] + f['grads'] + f['adam']) / 2**20:.0f}MiB "
           f"lora16={(l['weights'] + l['grads'] + l['adam']) / 2**20:.0f}MiB "

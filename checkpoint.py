@@ -19,6 +19,7 @@ import torch.distributed as dist
 import lora
 from config import BadInput, TrainConfig, lora_targets
 from model import Transformer, resolve_checkpoint
+from tokenizer import Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
                    "special_tokens_map.json", "vocab.json", "merges.txt")
@@ -96,6 +97,25 @@ def load_model(path, device):
     if os.path.isfile(os.path.join(path, lora.ADAPTER_CONFIG)):
         return lora.merge(lora.load_adapted(path, device=device)).requires_grad_(True)
     return Transformer.from_pretrained(path, device=device)
+
+
+def load_policy(cfg, resumed, model_dir, device):
+    """(tokenizer, {name: bytes} of its files, the policy) from the checkpoint a run resumes or from --model; with
+    LoRA, --model's weights, frozen, with the adapters (the checkpoint's, or fresh ones) on them."""
+    src = resumed.dir if resumed else model_dir
+    try:
+        tok = Tokenizer(src)
+        tok_files = read_tokenizer_files(tok.path)
+        if not cfg.lora_rank:
+            return tok, tok_files, load_model(src, device)
+        model = load_model(model_dir, device)
+        if resumed:
+            lora.load_adapter(model, src)
+        else:  # seeded apart from the global RNG: every rank starts from the same adapters
+            lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, lora_targets(cfg), cfg.seed)
+        return tok, tok_files, model
+    except (OSError, ValueError) as e:
+        raise BadInput(f"could not load model {src!r}: {e}") from None
 
 
 def read_tokenizer_files(src):

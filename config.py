@@ -68,7 +68,7 @@ class TrainConfig:
     adv_unbiased_std: bool = arg(True, "Bessel-corrected std for advantages (np.std if off)")
     adv_eps: float = arg(1e-4, "added to the std of advantages")
     mu: int = arg(1, "update passes (optimizer steps) per batch of rollouts")
-    # ---- research knobs (README "Research knobs"); the defaults are the paper's GRPO
+    # ---- research knobs (docs/knobs.md); the defaults are the paper's GRPO
     ratio_level: str = arg("token", "importance ratio per token (GRPO) or per sequence (GSPO, arXiv 2507.18071; "
                            "with --loss-type grpo and its tighter clip: --eps-low 3e-4 --eps-high 4e-4)",
                            choices=RATIO_LEVELS)

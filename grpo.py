@@ -47,8 +47,8 @@ The loss is -J. Where this code departs from the paper or offers options:
     sequences, "token" by their tokens, "dr_grpo" by kept sequences x max_new_tokens.
 12. Not a departure, a note on cost: `token_logprobs` forwards each distinct prompt once and only the completions
     G times, attending to the prompt's keys/values (for the policy's update and the reference alike). The values
-    and gradients are those of G full forwards (same math, fewer FLOPs: with a 207-token few-shot prompt and
-    ~35-token completions, the full forwards spend ~85% of their work recomputing the prompt).
+    and gradients are those of G full forwards (same math, fewer FLOPs: the full forwards recompute the prompt in
+    each of the G rows).
 Legend: P prompts, G group, N = P*G rows, U distinct prompts, T completion time, Tp prompt time, C hidden,
 V vocab, M masked tokens, K kv heads, D head dim.
 """

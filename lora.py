@@ -137,7 +137,7 @@ def merge(model):
 # ----------------------------------------------------------------------------- PEFT's format
 
 def adapter_state(model):
-    """{PEFT tensor name: tensor} of the adapters, e.g. base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight."""
+    """{PEFT name: tensor} of the adapters, e.g. base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight."""
     return {PEFT_PREFIX + k: v.detach().contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
 
 
@@ -211,7 +211,8 @@ def load_adapter(model, adapter_dir):
             state[name[len(PEFT_PREFIX):]] = t.to(expected[name].dtype)
     missing = [k for k in expected if k[len(PEFT_PREFIX):] not in state]
     if missing:
-        raise ValueError(f"{path}: no tensor for {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        raise ValueError(f"{path}: no tensor for {missing[0]!r}"
+                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     model.load_state_dict(state, strict=False)
     return model
 

@@ -45,7 +45,8 @@ class ModelConfig:
             raise ValueError(f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}  # transformers>=5 nests rope_theta here
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise ValueError(f"rope type {rope.get('rope_type', rope.get('type'))!r} is not supported (only default RoPE)")
+            raise ValueError(f"rope type {rope.get('rope_type', rope.get('type'))!r} is not supported "
+                             "(only default RoPE)")
         if d.get("use_sliding_window"):
             raise ValueError("use_sliding_window=true is not supported")
         theta = d.get("rope_theta", rope.get("rope_theta"))
@@ -140,11 +141,10 @@ class KVCache:
         self.valid = self.valid[idx]  # (B', S)
 
 
-# Devices where SDPA gets k/v repeated to H heads instead of enable_gqa when there is a mask. On CUDA a mask with
-# enable_gqa leaves only SDPA's math kernel, which materialises B x H x T x S fp32 scores (several GB for
-# Qwen2.5-0.5B at micro-batch 8); transformers passes enable_gqa only without a mask for this reason. On CPU the
-# fused kernel takes enable_gqa with a mask, and repeating was 3-4x slower per decode attention call (SmolLM2's
-# shape, B=16, S=300), so CPU keeps enable_gqa. Same result either way (tests/test_model.py).
+# Devices where SDPA gets k/v repeated to H heads instead of enable_gqa when there is a mask: on CUDA a mask with
+# enable_gqa leaves only SDPA's math kernel, which materialises B x H x T x S fp32 scores (transformers passes
+# enable_gqa only without a mask for this reason), while on CPU the fused kernel takes enable_gqa with a mask and
+# beats repeating. Same result either way (tests/test_model.py).
 REPEAT_KV_WITH_MASK = {"cuda"}
 
 
@@ -272,7 +272,8 @@ class Transformer(nn.Module):
             if attn_mask is None:
                 attn_mask = torch.ones(B, S0 + T, dtype=torch.bool, device=input_ids.device)  # (B, S0+T)
             if attn_mask.shape != (B, S0 + T):
-                raise ValueError(f"with past, attn_mask must be (B, S0+T) = {(B, S0 + T)}, got {tuple(attn_mask.shape)}")
+                raise ValueError(f"with past, attn_mask must be (B, S0+T) = {(B, S0 + T)}, "
+                                 f"got {tuple(attn_mask.shape)}")
         if positions is None:
             if attn_mask is None:
                 positions = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -407,7 +408,8 @@ def resolve_checkpoint(path_or_repo_id):
         from huggingface_hub import snapshot_download
         return snapshot_download(s, allow_patterns=HUB_PATTERNS)
     except Exception as e:  # offline, unknown repo, gated...: one message, not a stack of them
-        raise OSError(f"could not fetch {s!r} from the Hugging Face Hub ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
+        raise OSError(f"could not fetch {s!r} from the Hugging Face Hub "
+                      f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
                       "pass a local checkpoint directory instead") from None
 
 
@@ -437,7 +439,8 @@ def load_safetensors(path, expected, tied, device, dtype):
                     if tied and name == "lm_head.weight":
                         continue  # some tied checkpoints store it anyway; the embedding is the truth
                     if name not in expected:
-                        raise ValueError(f"{file}: unexpected tensor {name!r} (not in this {len(expected)}-tensor model)")
+                        raise ValueError(f"{file}: unexpected tensor {name!r} "
+                                         f"(not in this {len(expected)}-tensor model)")
                     t = f.get_tensor(name)
                     if t.shape != expected[name]:
                         raise ValueError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, "

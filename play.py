@@ -16,8 +16,8 @@ feeds in (no re-tokenization of the history: the sampler's log-probs equal the t
   way: its tokens carry a per-token mask of 0 for environment messages; this is our own code);
 - logprobs: the sampler's, at the model's tokens; lengths: the model's token count per game; stopped: every
   turn of the game ended on a stop token (False: some turn was cut at max_new_tokens).
-Each turn prefills the game's whole history again (no cache is kept across turns): simple, and on a CPU the
-prefill of a few hundred tokens costs about what decoding a short turn does.
+Each turn prefills the game's whole history again (no cache is kept across turns): simple, and one batched
+prefill is cheap next to decoding a turn token by token.
 Legend: N games, Tp opening time, Tc trajectory time, n games still running.
 """
 from contextlib import nullcontext

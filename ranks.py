@@ -20,7 +20,7 @@ def world_and_rank():
     return int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
 
 
-def start(device, world, out):
+def start_ranks(device, world, out):
     """Join the process group (NCCL on CUDA, gloo on CPU); returns rank 0's run dir, which every rank then uses."""
     if device.type == "cuda":
         torch.cuda.set_device(device)

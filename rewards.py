@@ -4,9 +4,9 @@ Verifiable rewards for GRPO: GSM8K answers, answer formats, Wordle guesses and l
 Every reward is a pure, deterministic `fn(completion: str, **fields) -> float` that ignores
 unknown fields, so a task is a list of (weight, fn) and `combine` sums them. Standard library
 only. For any str completion no reward raises or returns NaN/inf, and all run in linear time
-(str.find/count scans and regexes without nested ambiguous quantifiers), so a 1 MB completion
-is scored in ~0.01 s (prose) to ~0.25 s (1 MB of dense digits). Needs Python 3.11+ (atomic regex groups). A non-str completion raises TypeError (a caller bug, not model output);
-malformed *fields* (a bad Wordle secret/history, an unknown layout) raise ValueError for the same reason.
+(str.find/count scans and regexes without nested ambiguous quantifiers). Needs Python 3.11+ (atomic
+regex groups). A non-str completion raises TypeError (a caller bug, not model output); malformed
+*fields* (a bad Wordle secret/history, an unknown layout) raise ValueError for the same reason.
 
 Numbers (parse_number, last_number): ASCII digits with optional thousands commas (strict 3-digit
 groups), decimals ("0.5", ".5", "1234.00"; a trailing "1234." is just a full stop), fractions "3/4",
@@ -22,13 +22,13 @@ Reward hacking, per function (what it closes / what it cannot):
   xml_count's tag credit score 0 without it): exactly one reasoning block with >= 3 alphanumeric words
   holding at least one calculation (number, operator, number: "16 * 4", "3 times 7") that is not a
   substring of the prompt (casefolded, whitespace collapsed), and exactly one answer block holding exactly
-  one number. Closes: the system prompt's template copied with "..." (SmolLM2-135M learned it and took 1.5
-  of the old 4.0), placeholder or one/two-word reasoning ("x", "work"), the instruction, question or a
-  worked example pasted verbatim as reasoning, a bare answer block, and (seen next on SmolLM2) reasoning that
-  restates the question's sentences or states the answer without computing anything. Cannot: a wrong or
-  irrelevant calculation ("1 + 1 = 2" before a guess), a paraphrased copy plus a calculation, reasoning in a
-  non-Latin script (needs ASCII words); and `correct` is deliberately not gated, so a right guess without
-  reasoning still earns it (a right answer is a right answer).
+  one number. Closes: the system prompt's template copied with "...", placeholder or one/two-word
+  reasoning ("x", "work"), the instruction, question or a worked example pasted verbatim as reasoning, a
+  bare answer block, and reasoning that restates the question's sentences or states the answer without
+  computing anything. Cannot: a wrong or irrelevant calculation ("1 + 1 = 2" before a guess), a
+  paraphrased copy plus a calculation, reasoning in a non-Latin script (needs ASCII words); and `correct`
+  is deliberately not gated, so a right guess without reasoning still earns it (a right answer is a right
+  answer).
 - correct: exactly one <answer> block holding exactly one number *value* (repeats like "18 ... 18.0"
   are fine). Closes: several <answer> blocks, several candidates in one block ("3 or 4 or 5",
   "3-5"), empty/whitespace answers, an answer outside the tags. Cannot: a right guess with wrong
@@ -68,7 +68,7 @@ MAX_DIGITS = 100  # longer digit runs are "not a number": int("9"*10**6) is slow
 # One number token. No nested ambiguous quantifiers: comma groups are fixed-width with a distinct
 # separator, so each match attempt is linear and finditer over 1 MB stays linear.
 _NUM = re.compile(
-    r"(?=[-\u2212$\u20ac\u00a3\u00a5.0-9])"  # cheap first-char filter: lets sre skip text fast (10x on prose)
+    r"(?=[-\u2212$\u20ac\u00a3\u00a5.0-9])"  # cheap first-char filter: lets sre skip text fast
     # a run of 2+ minus signs is taken whole, glued or not, for _to_fraction to reject: "--5", "3--4", "--$1.5"
     # can't shed a '-' to read as -5 or 5 (whole run from its start only, so "-" * 10**6 stays linear);
     # a single minus only if not glued to a word/number: "3-4" is 3 and 4
@@ -207,8 +207,8 @@ def _norm(text):
 def well_formed(completion, prompt="", layout="reasoning", **_):
     """True iff one answer block with one number, and one reasoning block of >= 3 words with a calculation, not
     copied from the prompt."""
-    # The gate of every format reward: a 135M model earned 1.5/4.0 by emitting the system prompt's
-    # literal "<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>" template. Cheapest checks first.
+    # The gate of every format reward, so that a copy of a template with placeholders
+    # ("<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>") earns none of them. Cheapest checks first.
     a = answer_block(completion)
     if a is None or parse_number(a) is None:
         return False
@@ -216,9 +216,9 @@ def well_formed(completion, prompt="", layout="reasoning", **_):
     # >= 3 ASCII alphanumeric words: "...", "x", "work" fail, "37 + 48 = 85" passes; islice stops the scan early
     if r is None or sum(1 for _ in islice(_WORD.finditer(r), 3)) < 3:
         return False
-    # at least one calculation: SmolLM2 on GSM8K, once the template copy was closed, earned the format rewards by
-    # restating the question's sentences ("She sells the remainder at the farmers' market daily for $2 per
-    # fresh duck egg.") or the answer alone ("12 bolts of blue fiber."), neither of which computes anything
+    # at least one calculation: reasoning that restates the question's sentences ("She sells the remainder at the
+    # farmers' market daily for $2 per fresh duck egg.") or the answer alone ("12 bolts of blue fiber.") computes
+    # nothing
     if _CALC.search(r) is None:
         return False
     # a verbatim copy of the instruction, question or a worked example (str `in` is linear in CPython)
@@ -392,11 +392,10 @@ def combine(reward_list, completion, **fields):
 
 
 # GSM8K: format is a small fraction of a right answer. willccbb's gist weights (2.0 correct, 0.5 strict,
-# 0.5 soft, 0.5 integer, 1.0 xml_count; max 4.0) made format worth as much as correctness, and SmolLM2-135M
-# on GSM8K learned to copy the system prompt's "<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
-# template for 1.5 of 4 (empty reasoning and any integer answer took 2.0). Now every format reward is gated
-# on well_formed (real reasoning, one number) and they sum to at most 0.5 (0.2 + 0.1 + 0.1 + 0.2 * xml_count's
-# max 0.5) against 2.5 for a right, well-formed answer: format-only earns at most FORMAT_SHARE_MAX of it.
+# 0.5 soft, 0.5 integer, 1.0 xml_count; max 4.0) make format worth as much as correctness, so a copied template
+# pays. Here every format reward is gated on well_formed (real reasoning, one number) and they sum to at most 0.5
+# (0.2 + 0.1 + 0.1 + 0.2 * xml_count's max 0.5) against 2.5 for a right, well-formed answer: format-only earns at
+# most FORMAT_SHARE_MAX of it.
 # GRPO normalises advantages per group, so shaping still drives early learning of the layout; once every
 # sample in a group is well-formed those terms are constant, carry zero advantage, and only correctness is
 # left as signal.

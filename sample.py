@@ -71,7 +71,7 @@ def sample_token(logits, temperature, top_k=0, top_p=1.0, u=None, vocab_size=Non
     reports that same quantity.
     Overwrites `logits` (it becomes exp(logits/T - max)) and writes the CDF into `cdf`, an optional (N, V) fp64
     buffer: a decode step then makes no V-sized temporaries, whose page faults on CPU (glibc hands big blocks
-    back to the OS on free) cost more than the arithmetic (8 ms of a 130 ms SmolLM2 step).
+    back to the OS on free) cost more than the arithmetic.
     """
     V = logits.shape[-1]
     vocab_size = min(vocab_size or V, V)
@@ -99,7 +99,7 @@ def sample_token(logits, temperature, top_k=0, top_p=1.0, u=None, vocab_size=Non
             drop = cum - srt >= top_p * cum[:, -1:]  # the mass before this id already reaches top_p
             p.scatter_(-1, idx, srt.masked_fill_(drop, 0))
         # inverse CDF: the first id whose cumulative mass exceeds u ~ U[0, total). One random number per row,
-        # where torch.multinomial or argmax(p / Exp(1)) draw V of them (9% of a CPU decode step); no host sync.
+        # where torch.multinomial or argmax(p / Exp(1)) draw V of them; no host sync.
         cdf = torch.cumsum(p, -1, dtype=torch.float64, out=cdf)  # (N, V) fp64: 150k fp32 partial sums would drift
         mass = cdf[:, -1:]  # (N, 1)
         x = torch.minimum(u * mass, torch.nextafter(mass, torch.zeros_like(mass)))  # < mass even after rounding
@@ -114,12 +114,11 @@ def sample_token(logits, temperature, top_k=0, top_p=1.0, u=None, vocab_size=Non
 def packed_linears(model, rows, enable=True):
     """While open, every fp32 nn.Linear of a CPU model multiplies by a oneDNN-packed copy of its weight.
 
-    PyTorch's fp32 CPU matmul is MKL's sgemm, slow on the skinny (rows, C) inputs of a decode step: SmolLM2's
-    lm_head took 30 ms against oneDNN's 11 ms, and its whole decode step 120 ms against 88 ms (2-core AMD EPYC,
-    rows=16). Same fp32 products in another summation order (logits agree to ~1e-5 relative). The packed copies
-    cost one more copy of the weights while open and a reorder (about 0.2 s for 135M parameters) per call, so they
-    always reflect the current weights. Nothing happens on other devices, other dtypes, under autocast, or with
-    enable=False (generate's compile=True: inductor lowers oneDNN-packed weights only as frozen constants).
+    PyTorch's fp32 CPU matmul is MKL's sgemm, slower than oneDNN's packed weights on the skinny (rows, C) inputs of
+    a decode step. Same fp32 products in another summation order. The packed copies cost one more copy of the
+    weights while open and a reorder per call, so they always reflect the current weights. Nothing happens on other
+    devices, other dtypes, under autocast, or with enable=False (generate's compile=True: inductor lowers
+    oneDNN-packed weights only as frozen constants).
     A LoRA layer (lora.py) is packed with its merged weight W + (alpha / r) B A, so it keeps the packed speed and
     computes what its forward computes in eval mode, up to rounding (tests/test_lora.py).
     """
@@ -159,7 +158,8 @@ def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt at least one token")
     if G < 1 or max_new_tokens < 1 or temperature < 0:
-        raise ValueError(f"need G >= 1, max_new_tokens >= 1, temperature >= 0; got {G}, {max_new_tokens}, {temperature}")
+        raise ValueError(f"need G >= 1, max_new_tokens >= 1, temperature >= 0; "
+                         f"got {G}, {max_new_tokens}, {temperature}")
     dev = model.lm_head.weight.device
     if isinstance(generator, int):
         generator = torch.Generator(dev).manual_seed(generator)

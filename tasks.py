@@ -23,8 +23,7 @@ Tasks here:
   the DeepLearning.AI course's way) or on whole games (mode=games); evaluates by playing whole games.
 - arith: generated integer arithmetic ("What is 37 + 48?"), no download. Train and test are disjoint by
   construction: each problem's text is hashed, and the hash alone says on which side it lives. The default,
-  2-digit addition, is where a laptop model sits in GRPO's useful range: SmolLM2-135M-Instruct answers 17% of
-  200 test problems right inside <answer> (strict) and 23% by its last number (lenient), greedy, with this prompt.
+  2-digit addition, keeps a laptop model in GRPO's useful range: some answers right, not all.
 Both use one answer protocol: reasoning inside <reasoning></reasoning>, then the number inside <answer></answer>.
 """
 import functools
@@ -92,9 +91,9 @@ def parse_options(task_name, text):
 
 # ----------------------------------------------------------------------------- the shared answer protocol
 
-# No literal template with placeholders: SmolLM2 copied "<reasoning>\n...\n</reasoning>..." verbatim and the
-# format rewards paid for it (README "Results"). The tags are named in prose instead, and the format rewards
-# pay only for real reasoning and a number (rewards.well_formed).
+# No literal template with placeholders: a model can copy one verbatim for the format rewards (docs/results.md, GSM8K).
+# The tags are named in prose instead, and the format rewards pay only for real reasoning and a number
+# (rewards.well_formed).
 PROTOCOL = ("First think step by step inside <reasoning> </reasoning> tags, then give only the final number "
             "inside <answer> </answer> tags.")
 
@@ -110,7 +109,7 @@ GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/g
 GSM8K_SHA256 = {"train": "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",
                 "test": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14"}
 GSM8K_SYSTEM = "You are a careful math tutor. Solve the problem. " + PROTOCOL
-# repeated after the question: small models (SmolLM2-135M) ignore a system-only format instruction
+# repeated after the question: small models ignore a system-only format instruction
 GSM8K_USER = "{question}\n\n" + PROTOCOL
 
 
@@ -124,7 +123,8 @@ def gsm8k_file(data_dir, cache_dir, split):
     if data_dir:
         path = os.path.join(os.path.expanduser(data_dir), f"{split}.jsonl")
         if not os.path.isfile(path):
-            raise TaskError(f"{path} not found: --data-dir must hold train.jsonl and test.jsonl in the GSM8K jsonl format")
+            raise TaskError(f"{path} not found: --data-dir must hold train.jsonl and test.jsonl "
+                            "in the GSM8K jsonl format")
         return path
     path = os.path.join(os.path.expanduser(cache_dir), "gsm8k", f"{split}.jsonl")
     if os.path.isfile(path) and sha256(path) == GSM8K_SHA256[split]:
@@ -280,9 +280,9 @@ def arith_load(data_dir, cache_dir, digits, ops, terms, train_size, test_size, s
 def arith_shots(digits, ops, terms):
     """Two worked examples as earlier chat turns, fixed per setting, drawn from the train side.
 
-    How the protocol is shown decides the cold start (64 samples of SmolLM2-135M, 2-digit addition, T=0.7):
-    instruction only, 0% answer blocks; one example in the system message, 28%; two examples as chat turns, 100%.
-    With no answer block in a group every reward is 0 and GRPO has no gradient, so the examples are turns.
+    How the protocol is shown decides the cold start: with no answer block in a group every reward is 0 and GRPO
+    has no gradient, and examples as chat turns get answer blocks where an instruction or a system-message example
+    does not.
     """
     msgs = []
     for p in arith_problems("train", 2, max(digits, 2), ops, terms, seed="shots"):  # >= 2 digits: show a carry

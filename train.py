@@ -15,7 +15,7 @@ The plumbing lives in files named for it: config.py (flags, checks, device), che
 resume, Ctrl-C), ranks.py (torch.distributed helpers, fail_together), evaluate.py (held-out evaluation) and
 plot.py (curves). What to train on lives in tasks.py: adding a task never touches this file.
 
-Dtype policy, set here once (--dtype; README "Precision"): weights, optimizer state and checkpoints are fp32.
+Dtype policy, set here once (--dtype; measured in docs/results.md): weights, optimizer state and checkpoints are fp32.
 With bf16 (the default on CUDA; on CPU only when asked) every forward runs under bf16 autocast: sampler, token
 log-probs, reference, evaluation. Two rules keep it exact: the reference holds the policy's fp32 weights under the
 same autocast (so the KL is exactly 0 at step 1), and lm_head and log_softmax run in fp32 (bf16 logits would
@@ -36,15 +36,15 @@ import torch
 
 import judge
 import lora
-from checkpoint import (check_out_dir, check_resume, interrupted, last_checkpoint, load_model, read_resume,
-                        read_tokenizer_files, resolve_judge, resolve_model, save, start_records)
-from config import BadInput, TrainConfig, check_settings, lora_targets, parse_args, pick_device
+from checkpoint import (check_out_dir, check_resume, interrupted, last_checkpoint, load_model, load_policy,
+                        read_resume, resolve_judge, resolve_model, save, start_records)
+from config import BadInput, TrainConfig, check_settings, parse_args, pick_device
 from evaluate import completion_texts, evaluate_and_record
 from grpo import group_advantages, grpo_loss, loss_normalizer, mismatch, tis_weights, token_logprobs
 from model import Transformer, is_hub_id
 from play import play
 from plot import plot
-from ranks import all_max, all_or, all_sum, fail_together, finish, oom_advice, start, world_and_rank
+from ranks import all_max, all_or, all_sum, fail_together, finish, oom_advice, start_ranks, world_and_rank
 from rewards import combine
 from sample import Rollout, cat_rollouts, generate, take_rows
 from tasks import TASKS, Task, TaskError, judge_view, prompt_text
@@ -326,7 +326,7 @@ class Updated:
     lr: float
 
 
-def update(run, step, ro, adv, ref_lp, old_lp):
+def update(run, step, *, ro, adv, ref_lp, old_lp):
     """6. mu optimizer steps on the rows to train on: the clipped surrogate minus beta * k3, over micro-batches."""
     cfg, model, opt = run.cfg, run.model, run.opt
     mbs = micro_batches(run, ro)
@@ -385,7 +385,7 @@ def update(run, step, ro, adv, ref_lp, old_lp):
     return Updated(sums, gn, lr)
 
 
-def log_step(run, step, batch, adv, upd, times):
+def log_step(run, step, *, batch, adv, upd, times):
     """7. Reduce the step's sums over ranks, append one line to metrics.jsonl; returns the metrics."""
     # Every metric is a global sum divided by a global count, so N ranks log what 1 process would; names say
     # exactly what they measure (reward/FN is each function's unweighted mean, kl is k3 per completion token).
@@ -432,7 +432,7 @@ def log_step(run, step, batch, adv, upd, times):
     return metrics
 
 
-def print_step(run, step, metrics, t_run, batch):
+def print_step(run, step, metrics, *, batch, t_run):
     """One console line per step (and every --print-every steps one sampled completion with its rewards)."""
     cfg, d = run.cfg, batch.drawn
     eta = (time.time() - t_run) / (step - run.start) * (cfg.steps - step)
@@ -491,7 +491,7 @@ def setup(cfg, given):
         check_resume(cfg, resumed)
         log(f"resuming {cfg.out} from {resumed.dir} (step {resumed.step})")
     # ---- distributed: every rank has passed the same checks above, so none is left waiting here
-    cfg.out = start(device, world, cfg.out)
+    cfg.out = start_ranks(device, world, cfg.out)
     torch.manual_seed(cfg.seed + rank)
     # ---- data, judge, tokenizer, policy, and (only when beta > 0) the frozen reference
     try:
@@ -507,20 +507,7 @@ def setup(cfg, given):
                              torch.bfloat16 if bf16 else None)
         except (OSError, ValueError) as e:
             raise BadInput(f"could not load the judge {cfg.judge!r}: {e}") from None
-    src = resumed.dir if resumed else model_dir
-    try:
-        tok = Tokenizer(src)
-        tok_files = read_tokenizer_files(tok.path)
-        if cfg.lora_rank:  # the base model's weights, frozen, and trainable adapters on them
-            model = load_model(model_dir, device)
-            if resumed:
-                lora.load_adapter(model, src)
-            else:  # seeded apart from the global RNG: every rank starts from the same adapters
-                lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, lora_targets(cfg), cfg.seed)
-        else:
-            model = load_model(src, device)
-    except (OSError, ValueError) as e:
-        raise BadInput(f"could not load model {src!r}: {e}") from None
+    tok, tok_files, model = load_policy(cfg, resumed, model_dir, device)
     ref = None
     if need_ref:  # the policy's fp32 weights, under the same autocast: KL exactly 0 at step 1 (dtype policy)
         try:
@@ -565,22 +552,23 @@ def train_loop(run):
         for step in range(run.start + 1, cfg.steps + 1):
             t_step = time.time()
             with fail_together(cfg, run.world, step):  # one rank's error ends every rank with its message, not a hang
-                examples, pos = next_prompts(run, step)                   # 1. this rank's P prompts
-                sampled = rollout(run, examples, pos)                     # 2. G completions (or games) each
-                scored = score(run, examples, sampled)                    # 3. rewards and metrics
+                examples, pos = next_prompts(run, step)             # 1. this rank's P prompts
+                sampled = rollout(run, examples, pos)               # 2. G completions (or games) each
+                scored = score(run, examples, sampled)              # 3. rewards and metrics
             batch = Batch(drawn=scored, ro=scored.ro, rows=None, ds=None)
-            if cfg.dynamic_sampling:                                      # 3b. more rounds until P groups have a spread
-                batch = refill(run, step, scored)
+            if cfg.dynamic_sampling:
+                batch = refill(run, step, scored)                   # 3b. more rounds until P groups have a spread
             with fail_together(cfg, run.world, step):
-                adv = advantages(run, batch)                              # 4. group-relative advantages
+                adv = advantages(run, batch)                        # 4. group-relative advantages
                 t0 = time.time()
-                ref_lp = reference_logprobs(run, batch.ro)                # 5. the reference's log-probs (beta > 0)
-                old_lp = old_logprobs(run, batch.ro)                      #    and pi_old's (mu > 1)
-            upd = update(run, step, batch.ro, adv.values, ref_lp, old_lp)  # 6. loss, backward, optimizer step(s)
+                ref_lp = reference_logprobs(run, batch.ro)          # 5. the reference's log-probs (beta > 0)
+                old_lp = old_logprobs(run, batch.ro)                #    and pi_old's (mu > 1)
+            upd = update(run, step, ro=batch.ro, adv=adv.values,    # 6. loss, backward, optimizer step(s)
+                         ref_lp=ref_lp, old_lp=old_lp)
             times = {"sample_s": batch.drawn.sample_s, "judge_s": batch.drawn.judge_s, "train_s": time.time() - t0,
                      "step_s": time.time() - t_step}
-            metrics = log_step(run, step, batch, adv, upd, times)       # 7. one metrics.jsonl line
-            print_step(run, step, metrics, t_run, batch)
+            metrics = log_step(run, step, batch=batch, adv=adv, upd=upd, times=times)  # 7. one metrics.jsonl line
+            print_step(run, step, metrics, batch=batch, t_run=t_run)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:  # then eval, checkpoint
                 run_eval(run, step)
             if step % cfg.save_every == 0 or step == cfg.steps:

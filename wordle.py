@@ -19,7 +19,7 @@ Evaluation always plays whole games, greedy, on test secrets (play.py, train.py 
 
 Hack guards (rewards.py lists what each Wordle reward closes and cannot): `guarded` pays nothing, format and
 consistency included, for a guess that is not a listed word, so "ZZZZZ" with no history earns 0, not 0.7; nor for
-a guess the prompt already shows (the example game's words, this game's earlier guesses), a hack training found.
+a guess the prompt already shows (the example game's words, this game's earlier guesses).
 Legend: A answers, c candidates.
 """
 import functools
@@ -95,14 +95,10 @@ SYSTEM = ("You are playing Wordle. Find the secret 5-letter English word in at m
           "You may think first, briefly, inside <think> </think>. Then answer with your guess inside "
           "<guess> </guess>.")
 START = "Let's play. Make your first guess."
-# A short example game as earlier chat turns, before the real one. How the protocol is shown decides the cold
-# start (SmolLM2-135M-Instruct, 64 samples at T=0.7 of the first turn): the rules alone, 0% answers in the
-# <guess> format (greedy: "I'm going to guess the word "BREAK"..."); with an example game, 16-25%, and so GRPO
-# has groups with a spread to learn from. Its turns are bare <guess> lines (asking for <think> in them measured
-# no better). Its two words differ from game to game (drawn from the accepted guesses that are never secrets,
-# seeded by the real game's secret): with one fixed example (CRANE, then COMFY) 40 steps of training made the
-# model answer CRANE, the example's first guess, on every turn of every test game: valid words, format 100%,
-# no game won (README "Wordle").
+# A short example game as earlier chat turns, before the real one: how the protocol is shown decides the cold
+# start, and with an example game GRPO gets groups with a spread to learn from. Its turns are bare <guess> lines.
+# Its two words differ from game to game (drawn from the accepted guesses that are never secrets, seeded by the
+# real game's secret), so no one word is worth copying from it (docs/results.md, Wordle).
 NEW_GAME = "You won in 2 guesses! Now a new game, with a new secret word. Make your first guess."
 
 
@@ -214,8 +210,7 @@ def code(fb):
 
 # The deterministic solver's first guess: of the 60 best first guesses by _rank, the best-ranked one after which
 # the solver below wins every one of the 2,069 answers, train and test, within 6 guesses (PLATE, PLACE and RINSE
-# do; CRATE, _rank's own first choice, loses BATCH/HATCH/.../WATCH, which differ in one letter only). Measured:
-# 3.5 guesses per game on average.
+# do; CRATE, _rank's own first choice, loses BATCH/HATCH/.../WATCH, which differ in one letter only).
 OPENER = "PLATE"
 
 
@@ -342,9 +337,8 @@ def shown_words(secret, history=()):
 def guarded(fn):
     """fn, but 0 for a completion whose guess is not a listed word (the validity guard), or is a word the prompt
     already shows as a guess (the copy guard: the example game's, or this game's earlier ones)."""
-    # The copy guard closes a hack the training found: with the validity guard alone, 40 steps on states taught
-    # SmolLM2 to answer the example game's first guess (format and partial credit paid for it); played as whole
-    # games it then guessed that word six times over (README "Wordle").
+    # The copy guard: without it a word the prompt already shows (the example game's first guess) earns format and
+    # partial credit without any reading of the game (docs/results.md, Wordle).
     @functools.wraps(fn)
     def f(completion, secret=None, history=(), **fields):
         g = valid_guess(completion)

@@ -54,10 +54,11 @@ def run(setup, out, nproc, *extra, env_extra=None, ok=True):
              "--group-size", "4", "--max-new-tokens", "10", "--eval-n", "5", "--eval-batch", "2", "--lr", "1e-2",
              "--warmup-steps", "1", "--micro-batch", "3", "--seed", "1", *extra]
     launch = [sys.executable, str(d / "launch.py")] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(d / "launch.py")]
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+         str(d / "launch.py")]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    p = subprocess.Popen(launch + flags, cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1", **(env_extra or {})), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    p = subprocess.Popen(launch + flags, cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1", **(env_extra or {})),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         log, _ = p.communicate(timeout=120)
     finally:

@@ -51,7 +51,8 @@ def test_adapters_are_seeded_apart_from_the_global_rng():
     b = lora.add_lora(random_model("qwen2"), 4, 8.0, seed=7).state_dict()
     c = lora.add_lora(random_model("qwen2"), 4, 8.0, seed=8).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(a["model.layers.0.self_attn.q_proj.lora_A.weight"], c["model.layers.0.self_attn.q_proj.lora_A.weight"])
+    assert not torch.equal(a["model.layers.0.self_attn.q_proj.lora_A.weight"],
+                           c["model.layers.0.self_attn.q_proj.lora_A.weight"])
 
 
 def test_only_adapters_get_gradients_and_change():
@@ -186,7 +187,8 @@ def test_train_lora_one_model_checkpoints_merged_export_and_exact_resume(tiny_ck
     full = metrics(out)
     assert full[0]["kl"] == 0 and full[-1]["kl"] > 0 and full[0]["reward_std"] > 0
     assert sorted(os.listdir(out / "step-2")) == sorted(["adapter_config.json", "adapter_model.safetensors",
-                                                          "generation_config.json", "tokenizer.json", "trainer_state.pt"])
+                                                          "generation_config.json", "tokenizer.json",
+                                                          "trainer_state.pt"])
     assert {"adapter_config.json", "merged"} <= set(os.listdir(out / "step-4"))
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out / "step-4" / "merged"))
 

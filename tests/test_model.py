@@ -242,7 +242,8 @@ def test_masked_attention_repeats_kv_and_equals_enable_gqa(monkeypatch, family):
     monkeypatch.setattr(M, "REPEAT_KV_WITH_MASK", {"cuda", "cpu"})  # CUDA's path, run here
     real = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(M.F, "scaled_dot_product_attention",
-                        lambda *a, **k: spy.append((k.get("attn_mask") is not None, k.get("enable_gqa"))) or real(*a, **k))
+                        lambda *a, **k: spy.append((k.get("attn_mask") is not None, k.get("enable_gqa")))
+                        or real(*a, **k))
     new = run()
     monkeypatch.undo()
     assert spy and all(not gqa for has_mask, gqa in spy if has_mask)  # never enable_gqa together with a mask
@@ -357,7 +358,8 @@ def test_shape_mismatch_named(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["intermediate_size"] = 128
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'model.layers.0.mlp.(gate|up|down)_proj.weight' has shape"):
+    with pytest.raises(ValueError,
+                       match=r"model.safetensors: tensor 'model.layers.0.mlp.(gate|up|down)_proj.weight' has shape"):
         Transformer.from_pretrained(str(tmp_path))
 
 
@@ -378,7 +380,8 @@ def test_real_model_greedy_matches_transformers():
     ours, tok = Transformer.from_pretrained(path).eval(), Tokenizer(path)
     theirs = tr.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = torch.tensor([tok.encode_chat([{"role": "system", "content": "You are a helpful assistant."},
-                                         {"role": "user", "content": "Write a long story about a dragon who learns to count."}])])
+                                         {"role": "user",
+                                          "content": "Write a long story about a dragon who learns to count."}])])
     with torch.no_grad():
         want = theirs.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:]
         got = ids

@@ -414,7 +414,8 @@ def test_well_formed():
         # seen on SmolLM2 (GSM8K, 20 steps) once the template copy was closed: nothing computed
         "restated question": wrap(16, "She lays 16 eggs per day.\nShe sells the remainder at the farmers\u2019 market "
                                       "daily for $2 per fresh duck egg."),
-        "answer stated, not computed": wrap(12, "12 bolts of blue fiber."), "a range is no calculation": wrap(42, "it is 40 to 45"),
+        "answer stated, not computed": wrap(12, "12 bolts of blue fiber."),
+        "a range is no calculation": wrap(42, "it is 40 to 45"),
     }
     for why, text in bad.items():
         assert not R.well_formed(text, prompt=PROMPT), why

@@ -10,7 +10,8 @@ Legend of the file:
   log-probs    returned log-probs == fresh full-vocab log_softmax(logits / T), also under top-k/top-p
   sample_token top-k/top-p support and frequencies on hand-made logits
   vocab        ids >= vocab_size are never sampled
-  errors, packed CPU linears == plain ones, compile=True (slowest test: inductor compiles C++ on CPU), and a real checkpoint vs transformers (GRPO_TEST_MODEL=dir)
+  errors, packed CPU linears == plain ones, compile=True (slowest test: inductor compiles C++ on CPU), and a real
+               checkpoint vs transformers (GRPO_TEST_MODEL=dir)
 Everything runs on CPU in fp32 on the tiny random models of conftest.py, except the opt-in real-checkpoint test.
 """
 import contextlib

@@ -86,8 +86,8 @@ def test_arith_rewards_pay_correctness_first():
     assert total(good) == pytest.approx(1.1)
     assert 0 < total(wrong) <= 0.1 * total(good)  # format-only: a small fraction of a correct answer
     shot = T.arith_prompt(ex)[2]["content"]  # a verbatim copy of a worked example: its reasoning is in the prompt
-    for hack in ("<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>", shot, f"<answer>\n{ex['gold']}1\n</answer>",
-                 "<reasoning>\nx\n</reasoning>\n<answer>\n0\n</answer>"):
+    for hack in ("<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>", shot,
+                 f"<answer>\n{ex['gold']}1\n</answer>", "<reasoning>\nx\n</reasoning>\n<answer>\n0\n</answer>"):
         assert total(hack) == 0.0, hack
 
 

@@ -90,7 +90,8 @@ def test_cli_three_steps_writes_metrics_eval_and_loadable_checkpoint(tiny_ckpt, 
 
 def test_resume_equals_uninterrupted(tiny_ckpt, data_dir, tmp_path, toy_task):
     out = tmp_path / "run"
-    train.main(["--task", "toy", "--steps", "4", "--save-every", "2", "--keep-last", "5", *args(tiny_ckpt, data_dir, out)])
+    train.main(["--task", "toy", "--steps", "4", "--save-every", "2", "--keep-last", "5",
+                *args(tiny_ckpt, data_dir, out)])
     full = metrics(out)
     assert full[0]["kl"] == 0 and full[2]["kl"] > 0 and full[0]["reward_std"] > 0  # a real update happened
     # a crash after step 2's checkpoint: step 4 never completed, step 3's write was cut half way
@@ -131,7 +132,8 @@ def test_micro_batch_changes_memory_not_the_update(tiny_ckpt, data_dir, tmp_path
 def test_beta_zero_loads_no_reference_model(tiny_ckpt, data_dir, tmp_path, monkeypatch):
     loads = []
     real = Transformer.from_pretrained.__func__
-    monkeypatch.setattr(Transformer, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a) or real(cls, *a, **k)))
+    monkeypatch.setattr(Transformer, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a) or real(cls, *a, **k)))
     train.main(["--steps", "1", "--beta", "0", *args(tiny_ckpt, data_dir, tmp_path / "b0")])
     assert len(loads) == 1
     train.main(["--steps", "1", "--beta", "0.04", *args(tiny_ckpt, data_dir, tmp_path / "b1")])
@@ -215,7 +217,8 @@ def test_partial_rewards_are_named_and_duplicates_refused(tiny_ckpt, data_dir, t
     train.main(["--task", "p", "--steps", "1", *args(tiny_ckpt, data_dir, tmp_path / "p")])
     row = metrics(tmp_path / "p")[0]
     assert row["reward/length_penalty"] < 0 and abs(row["reward_mean"] - 0.1 * row["reward/length_penalty"]) < 1e-6
-    monkeypatch.setitem(train.TASKS, "d", train.Task(g.load, g.prompt, [(1.0, near), (1.0, R.length_penalty)], g.metrics))
+    monkeypatch.setitem(train.TASKS, "d",
+                        train.Task(g.load, g.prompt, [(1.0, near), (1.0, R.length_penalty)], g.metrics))
     with pytest.raises(ValueError, match="duplicate reward name 'length_penalty'"):
         train.main(["--task", "d", "--steps", "1", *args(tiny_ckpt, data_dir, tmp_path / "d")])
 
@@ -225,7 +228,8 @@ def test_arith_task_trains_end_to_end_with_options(tiny_ckpt, tmp_path):
     train.main(["--task", "arith", "--task-opts", "digits=1,ops=+-,terms=3", "--steps", "2",
                 *args(tiny_ckpt, "", out)])
     rows = metrics(out)
-    assert [m["step"] for m in rows] == [1, 2] and {"reward/correct", "reward/format_strict", "acc_strict"} <= set(rows[0])
+    assert [m["step"] for m in rows] == [1, 2] and {"reward/correct", "reward/format_strict",
+                                                    "acc_strict"} <= set(rows[0])
     cfg = json.load(open(out / "config.json"))
     assert cfg["task"] == "arith" and cfg["task_opts"] == "digits=1,ops=+-,terms=3"
     first = json.loads(open(out / "eval" / "step-0.jsonl").readline())
@@ -319,7 +323,8 @@ def test_resume_twice_across_checkpoint_rotation(tiny_ckpt, data_dir, tmp_path, 
 
 def test_checkpoint_without_tokenizer_is_never_resumed(tiny_ckpt, data_dir, tmp_path, toy_task):
     out = tmp_path / "run"
-    train.main(["--task", "toy", "--steps", "2", "--save-every", "1", "--keep-last", "5", *args(tiny_ckpt, data_dir, out)])
+    train.main(["--task", "toy", "--steps", "2", "--save-every", "1", "--keep-last", "5",
+                *args(tiny_ckpt, data_dir, out)])
     os.remove(out / "step-2" / "tokenizer.json")  # e.g. written by the old code after a rotation
     assert checkpoint.checkpoints(str(out)) == [str(out / "step-1")]
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
@@ -469,7 +474,8 @@ def test_ctrl_c_is_one_line_and_exit_130(tiny_ckpt, data_dir, tmp_path, toy_task
         train.main(["--task", "toy", "--steps", "4", "--save-every", "2", *args(tiny_ckpt, data_dir, out)])
     assert e.value.code == 130
     err = capsys.readouterr().err
-    assert err == f"train.py: interrupted at step 3; {out}/step-2 is complete. Resume with: python train.py --resume {out}\n"
+    assert err == (f"train.py: interrupted at step 3; {out}/step-2 is complete. "
+                   f"Resume with: python train.py --resume {out}\n")
     interrupt_when(monkeypatch, lambda: True)  # before the first checkpoint: nothing to resume
     with pytest.raises(SystemExit) as e:
         train.main(["--task", "toy", "--steps", "4", "--save-every", "2", *args(tiny_ckpt, data_dir, tmp_path / "new")])

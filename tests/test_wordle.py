@@ -107,7 +107,8 @@ def test_prompt_shows_rules_example_game_then_this_games_turns():
     ex = [m["content"] for m in msgs[2:5:2]]  # the example game's two guesses: never secrets, varied per game
     assert all(c.startswith("<guess>") and c[7:12] not in TRAIN + TEST and c[7:12] in ALLOWED for c in ex)
     assert W.demo("FLOOR") == W.demo("FLOOR") and len({W.demo(s)[0]["guess"] for s in TEST[:20]}) > 15
-    assert msgs[-2]["content"] == "<guess>PLATE</guess>" and msgs[-1]["content"].endswith("5 guesses left. Make your next guess.")
+    assert msgs[-2]["content"] == "<guess>PLATE</guess>" and msgs[-1]["content"].endswith("5 guesses left. "
+                                                                                          "Make your next guess.")
     assert W.Game("FLOOR").messages()[-1]["content"] == W.NEW_GAME
 
 
