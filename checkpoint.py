@@ -100,8 +100,8 @@ def load_model(path, device):
 
 
 def load_policy(cfg, resumed, model_dir, device):
-    """(tokenizer, {name: bytes} of its files, the policy) from the checkpoint a run resumes or from --model; with
-    LoRA, --model's weights, frozen, with the adapters (the checkpoint's, or fresh ones) on them."""
+    """(tokenizer, {name: bytes} of its files, the policy) from the checkpoint a run resumes, or from --model."""
+    # With LoRA the policy is --model's weights, frozen, with the adapters (the checkpoint's, or fresh ones) on them.
     src = resumed.dir if resumed else model_dir
     try:
         tok = Tokenizer(src)
@@ -135,8 +135,9 @@ def read_tokenizer_files(src):
 # ----------------------------------------------------------------------------- checkpoints and resume
 
 def checkpoints(run_dir):
-    """Complete checkpoint dirs of a run, oldest first: renamed into place, holding every CHECKPOINT_FILES and the
-    weights (a Hugging Face model, or with LoRA a PEFT adapter)."""
+    """Complete checkpoint dirs of a run, oldest first."""
+    # complete: renamed into place, holding every CHECKPOINT_FILES and the weights (a Hugging Face model, or with
+    # LoRA a PEFT adapter)
     def has(d, names):
         return all(os.path.isfile(os.path.join(d, f)) for f in names)
     ck = [d for d in glob.glob(os.path.join(run_dir, "step-*")) if d.rsplit("-", 1)[1].isdigit()
@@ -196,10 +197,10 @@ def check_resume(cfg, resumed):
 
 
 def save(step, *, cfg, model, opt, tok_files, rank, world, log):
-    """step-N/ = a Hugging Face model dir (with LoRA: a PEFT adapter dir, and at the end also merged/, the merged
-    Hugging Face model) + the tokenizer + trainer_state.pt, written to a temp dir and renamed into place."""
-    # A crash mid-write leaves only .step-N.tmp, which resume ignores; older checkpoints are deleted only once
-    # the new one is complete, so there is always one to resume from.
+    """Write step-N/ atomically (a temp dir renamed into place) and delete the checkpoints past --keep-last."""
+    # step-N/ = a Hugging Face model dir (with LoRA: a PEFT adapter dir, and at the end also merged/, the merged Hugging
+    # Face model) + the tokenizer + trainer_state.pt. A crash mid-write leaves only .step-N.tmp, which resume ignores;
+    # older checkpoints are deleted only once the new one is complete, so there is always one to resume from.
     if rank == 0:
         final, tmp = os.path.join(cfg.out, f"step-{step}"), os.path.join(cfg.out, f".step-{step}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)

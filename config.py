@@ -119,7 +119,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default in ("", None) else super()._get_help_string(action)
 
 
-DESCRIPTION = "GRPO fine-tuning, end to end: python train.py --task gsm8k [--model HUB_ID_OR_DIR] [--out runs/NAME]"
+DESCRIPTION = ("GRPO fine-tuning, end to end: python train.py --task gsm8k [--model Qwen/Qwen2.5-0.5B-Instruct] "
+               "[--out runs/NAME]")
 
 
 def build_parser(defaults=True):

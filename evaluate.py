@@ -55,8 +55,7 @@ def evaluate(model, tok, task, test, *, n, batch, max_new_tokens, amp, rank, wor
 
 @torch.no_grad()
 def evaluate_games(model, tok, task, test, *, n, batch, max_new_tokens, amp, rank, world, log=print):
-    """Play the first n test games to their end, greedy, batch at a time, sharded across ranks; returns
-    (task.game_summary of the games, one record per game: its secret, turns with the model's text, result)."""
+    """Greedy whole games on the first n test secrets, sharded across ranks; returns (game summary, per-game rows)."""
     total = min(n, len(test))
     mine = list(range(rank, total, world))
     rows, t0 = [], time.time()
@@ -73,8 +72,7 @@ def evaluate_games(model, tok, task, test, *, n, batch, max_new_tokens, amp, ran
 
 
 def evaluate_and_record(model, tok, task, test, step, *, cfg, amp, rank, world, log=print):
-    """Evaluate greedily on the test split, then write the scores to eval.jsonl and every completion to
-    eval/step-N.jsonl; returns the scores (None with --eval-n 0: no evaluation at all)."""
+    """Evaluate, write eval.jsonl and eval/step-N.jsonl; returns the scores (None with --eval-n 0: no evaluation)."""
     if cfg.eval_n == 0:
         return None
     log(f"eval step {step}: {min(cfg.eval_n, len(test))} test {'games' if task.game else 'problems'}, "

@@ -12,8 +12,8 @@ from config import BadInput
 
 
 def plot(run_dirs, out=""):
-    """Plot one run (every reward function) or several joined by commas; returns the PNG's path (None without
-    matplotlib). out: the PNG's path, or a dir for its curves.png (default RUN_DIR/curves.png)."""
+    """One run's curves (every reward function), or several runs' joined by commas; returns the PNG's path."""
+    # out: the PNG's path, or a dir for its curves.png (default RUN_DIR/curves.png); None returned without matplotlib
     try:
         import matplotlib
         matplotlib.use("Agg")

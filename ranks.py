@@ -89,14 +89,12 @@ def oom_advice(cfg, step):
 
 @contextmanager
 def fail_together(cfg, world, step):
-    """Run a block that every rank runs; if it fails on any rank, every rank exits with that rank's message.
-
-    Without this, one rank's error (a non-finite loss, a reward function raising, an OOM) ends that rank while
-    the others wait for it in their next all_reduce: a hang, or under torchrun a SIGTERM with no message. Here
-    every rank leaves the block, then all exchange one flag (a tiny all_reduce, before any other collective),
-    so all learn of the failure at the same point and exit with the same line. One process: the exception goes
-    on to train.main, which prints the known ones (BadInput, non-finite values, out of memory) as one line.
-    """
+    """Run a block that every rank runs; if it fails on any rank, every rank exits with that rank's message."""
+    # Without this, one rank's error (a non-finite loss, a reward function raising, an OOM) ends that rank while
+    # the others wait for it in their next all_reduce: a hang, or under torchrun a SIGTERM with no message. Here
+    # every rank leaves the block, then all exchange one flag (a tiny all_reduce, before any other collective),
+    # so all learn of the failure at the same point and exit with the same line. One process: the exception goes
+    # on to train.main, which prints the known ones (BadInput, non-finite values, out of memory) as one line.
     if world == 1:
         yield
         return

@@ -98,9 +98,9 @@ def data_indices(step, cfg, n):
 
 
 def next_prompts(run, step, round_=0):
-    """1. This rank's share of the step's global batch: (examples, their global data positions); round_ > 0: the
-    step's extra round of --dynamic-sampling."""
-    # Rank r takes positions r*P .. r*P+P-1 of the step's global batch, so the split never changes what is drawn.
+    """1. This rank's share of the step's prompts: (examples, their global data positions)."""
+    # round_ > 0 is an extra round of --dynamic-sampling. Rank r takes positions r*P .. r*P+P-1 of the step's global
+    # batch, so the split never changes what is drawn.
     cfg, n = run.cfg, len(run.train)
     if round_ == 0:
         idx, pos = data_indices(step, cfg, n)
@@ -215,11 +215,12 @@ def merge_rounds(parts, pad_id):
 
 
 def refill(run, step, scored):
-    """3b. --dynamic-sampling (DAPO, arXiv 2503.14476, sec. 3.3): while fewer than --prompts-per-step groups of the
-    step have a reward spread, draw another round of prompts (at most --dynamic-max-rounds); train on those."""
-    # Every rank takes part in every round and in each round's exchange of flags, so they stop together, and the
-    # groups kept are those one process would keep: N ranks train on what 1 process would. A rank may keep fewer
-    # groups than another, or none (update() handles both without skewing the normaliser).
+    """3b. --dynamic-sampling: more rounds of prompts until the step has P groups with a reward spread."""
+    # DAPO (arXiv 2503.14476, sec. 3.3): while fewer than --prompts-per-step groups have a spread, draw another round
+    # (at most --dynamic-max-rounds), then train on the first --prompts-per-step that have one. Every rank takes part in
+    # every round and in each round's exchange of flags, so they stop together, and the groups kept are those one
+    # process would keep: N ranks train on what 1 process would. A rank may keep fewer groups than another, or none
+    # (update() handles both without skewing the normaliser).
     cfg, PG = run.cfg, run.cfg.prompts_per_step
     parts, flags = [scored], [informative(run, scored.total)]
     while sum(int(f.sum()) for f in flags) < PG and len(flags) <= cfg.dynamic_max_rounds:
@@ -236,9 +237,9 @@ def refill(run, step, scored):
 
 
 def pick_rows(flags, rank, P, G):
-    """(this rank's rows to train on (n,), groups kept globally) from each round's global informative flags (PG,):
-    the first PG informative groups in global order, round by round, prompt by prompt; rank r holds prompts
-    r*P .. r*P+P-1 of every round, and its rows of round k start at k*P*G (cat_rollouts' order)."""
+    """(this rank's rows to train on (n,), groups kept globally) from each round's global informative flags (PG,)."""
+    # The first PG informative groups in global order, round by round, prompt by prompt; rank r holds prompts
+    # r*P .. r*P+P-1 of every round, and its rows of round k start at k*P*G (cat_rollouts' order).
     PG, rows, kept = len(flags[0]), [], 0
     for k, f in enumerate(flags):
         for j in range(PG):
@@ -274,8 +275,7 @@ def micro_batches(run, ro):
 
 
 def logprobs(run, m, ro, sl, entropy=False):
-    """Token log-probs (rows, T) of the sampled completions under model m, at the sampling temperature (and with
-    entropy, the entropies (rows, T) of the next-token distributions there)."""
+    """Token log-probs (rows, T) of the completions under model m at the sampling temperature (and entropies)."""
     return token_logprobs(m, ro.prompt_ids[sl], ro.prompt_mask[sl], ro.completion_ids[sl], ro.completion_mask[sl],
                           temperature=run.cfg.temperature, chunk=run.cfg.logprob_chunk, entropy=entropy)
 
@@ -307,8 +307,7 @@ def old_logprobs(run, ro):
 
 
 def observe(sums, ent, old, ro, sl):
-    """Add a micro-batch's policy entropy and sampler mismatch (grpo.mismatch: sampler vs the trainer's pi_old) to
-    the step's sums, over every sampled token."""
+    """Add a micro-batch's policy entropy and sampler mismatch to the step's sums, over every sampled token."""
     # The mismatch is what --tis-cap corrects: ~0 with sampler and trainer in one precision, larger with bf16
     # rollouts or a compiled decode step.
     mm = mismatch(old, ro.logprobs[sl], ro.completion_mask[sl])
