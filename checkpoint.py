@@ -112,7 +112,8 @@ def load_policy(cfg, resumed, model_dir, device):
         if resumed:
             lora.load_adapter(model, src)
         else:  # seeded apart from the global RNG: every rank starts from the same adapters
-            lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, lora_targets(cfg), cfg.seed)
+            lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, dropout=cfg.lora_dropout, targets=lora_targets(cfg),
+                          seed=cfg.seed)
         return tok, tok_files, model
     except (OSError, ValueError) as e:
         raise BadInput(f"could not load model {src!r}: {e}") from None
@@ -178,7 +179,7 @@ def read_resume(cfg, given):
     saved = TrainConfig(**{k: v for k, v in state["config"].items() if k in names})
     merged = TrainConfig(**{n: getattr(cfg if n in given else saved, n) for n in names})
     merged.out = cfg.resume
-    return Resumed(merged, state["step"], ck[-1], state)
+    return Resumed(cfg=merged, step=state["step"], dir=ck[-1], state=state)
 
 
 def check_resume(cfg, resumed):

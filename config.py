@@ -152,7 +152,7 @@ def lora_targets(cfg):
 
 
 def check_settings(cfg, world):
-    """Every setting that can be checked without loading anything; dies with one line naming the first bad one."""
+    """Every setting that can be checked without loading anything; raises BadInput naming the first bad one."""
     # A bad flag costs one line now, not a traceback after minutes of loading, sampling or the step-0 eval.
     if cfg.task not in TASKS:
         raise BadInput(f"unknown task {cfg.task!r}; known: {', '.join(TASKS)}")

@@ -72,6 +72,16 @@ def all_or(flags, world):
     return t.cpu().bool()
 
 
+def sum_grads(params, world):
+    """Sum each parameter's gradient over ranks in place; a rank without one (it had no rows) adds zeros."""
+    if world == 1:
+        return
+    for p in params:
+        if p.grad is None:  # it still takes part in every all_reduce, or the others would wait for it
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+
+
 def gather_records(rows, world):
     """Every rank's records (dicts with an "index"), in index order."""
     if world == 1:
@@ -101,14 +111,16 @@ def fail_together(cfg, world, step):
     err = None
     try:
         yield
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # SystemExit too: a forked stage that exits must not leave the others
         err = e
     # known failures get their one line; anything else is a bug, whose traceback is printed where it happened
-    known = isinstance(err, (FloatingPointError, torch.OutOfMemoryError, BadInput))
+    known = isinstance(err, (FloatingPointError, torch.OutOfMemoryError, BadInput, SystemExit))
     if err is None:
         msg = None
     elif isinstance(err, torch.OutOfMemoryError):
         msg = oom_advice(cfg, step)
+    elif isinstance(err, SystemExit):
+        msg = str(err.code)
     elif known:
         msg = str(err)
     else:

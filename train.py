@@ -36,15 +36,15 @@ import torch
 
 import judge
 import lora
-from checkpoint import (check_out_dir, check_resume, interrupted, last_checkpoint, load_model, load_policy,
-                        read_resume, resolve_judge, resolve_model, save, start_records)
+from checkpoint import (append_jsonl, check_out_dir, check_resume, interrupted, last_checkpoint, load_model,
+                        load_policy, read_resume, resolve_judge, resolve_model, save, start_records)
 from config import BadInput, TrainConfig, check_settings, parse_args, pick_device
 from evaluate import completion_texts, evaluate_and_record
 from grpo import group_advantages, grpo_loss, loss_normalizer, mismatch, tis_weights, token_logprobs
 from model import Transformer, is_hub_id
 from play import play
 from plot import plot
-from ranks import all_max, all_or, all_sum, fail_together, finish, oom_advice, start_ranks, world_and_rank
+from ranks import all_max, all_or, all_sum, fail_together, finish, oom_advice, start_ranks, sum_grads, world_and_rank
 from rewards import combine
 from sample import Rollout, cat_rollouts, generate, take_rows
 from tasks import TASKS, Task, TaskError, judge_view, prompt_text
@@ -134,7 +134,7 @@ def rollout(run, examples, pos):
         ro, texts = play(run.model, run.tok, games, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                          top_p=cfg.top_p, top_k=cfg.top_k, generators=gens, group_size=G, amp=run.amp(),
                          compile=cfg.compile)
-        return Sampled(ro, texts, [{"game": g.record()} for g in games], time.time() - t0)
+        return Sampled(ro=ro, texts=texts, extra=[{"game": g.record()} for g in games], seconds=time.time() - t0)
     # One generator per prompt, seeded by the prompt's global data position: a prompt's completions do not
     # depend on which rank drew it or on what else is in the batch, so N ranks sample what 1 process would.
     gens = [torch.Generator(run.device).manual_seed(cfg.seed * 2 ** 32 + int(q)) for q in pos]
@@ -143,7 +143,7 @@ def rollout(run, examples, pos):
         ro = generate(run.model, prompts, G=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                       top_p=cfg.top_p, top_k=cfg.top_k, stop_ids=run.tok.stop_ids, generator=gens,
                       vocab_size=run.tok.vocab_size, pad_id=run.tok.pad_id, compile=cfg.compile)
-    return Sampled(ro, completion_texts(run.tok, ro), [{}] * len(ro.lengths), time.time() - t0)
+    return Sampled(ro=ro, texts=completion_texts(run.tok, ro), extra=[{}] * len(ro.lengths), seconds=time.time() - t0)
 
 
 @dataclass
@@ -189,7 +189,7 @@ def score(run, examples, sampled):
 class Batch:
     """What a step trains on: the rows kept of all that was drawn and scored (all of them without refill)."""
     drawn: Scored  # every row of every round, rank-local
-    ro: Rollout  # (n rows) the rows to train on
+    ro: Rollout  # (n rows) the rows to train on (drawn.ro holds every row, for the log)
     rows: torch.Tensor  # (n,) their indices in drawn; None: all of them
     ds: dict  # --dynamic-sampling's global counts (ds_rounds, ds_groups_drawn, ds_groups_kept); None without it
 
@@ -253,6 +253,7 @@ def pick_rows(flags, rank, P, G):
 
 @dataclass
 class Advantages:
+    """What advantages() computed: one value per row trained on, and the share of flat groups."""
     values: torch.Tensor  # (n,) one per row trained on, on the training device
     zero_std_frac: float  # the share of all the groups drawn whose rewards have no spread
 
@@ -262,11 +263,11 @@ def advantages(run, batch):
     # A group never spans ranks, so its mean and std are exact locally; with --adv-scale batch the std is this
     # rank's batch's (grpo.py, departure 2). A zero-std group gets 0: it teaches nothing, and says so in the log.
     cfg, total = run.cfg, batch.drawn.total
-    adv, zero_std = group_advantages(total, cfg.group_size, cfg.adv_scale, cfg.adv_unbiased_std, cfg.adv_eps)
+    opts = dict(scale=cfg.adv_scale, unbiased=cfg.adv_unbiased_std, eps=cfg.adv_eps)
+    adv, zero_std = group_advantages(total, cfg.group_size, **opts)
     if batch.rows is not None:  # --dynamic-sampling: the kept groups alone (the batch std, with --adv-scale batch)
-        adv = group_advantages(total[batch.rows], cfg.group_size, cfg.adv_scale, cfg.adv_unbiased_std,
-                               cfg.adv_eps)[0]
-    return Advantages(adv.to(run.device), zero_std)
+        adv = group_advantages(total[batch.rows], cfg.group_size, **opts)[0]
+    return Advantages(values=adv.to(run.device), zero_std_frac=zero_std)
 
 
 def micro_batches(run, ro):
@@ -320,6 +321,7 @@ def observe(sums, ent, old, ro, sl):
 
 @dataclass
 class Updated:
+    """What update() did: the step's sums for the log, the grad norm and the learning rate."""
     sums: dict  # this rank's sums over the step: loss, token-weighted kl/ratio/clip fractions, entropy, mismatch
     grad_norm: torch.Tensor  # of the last pass, before clipping
     lr: float
@@ -369,11 +371,7 @@ def update(run, step, *, ro, adv, ref_lp, old_lp):
                 for k in ("kl", "ratio", "clip_low", "clip_high"):
                     sums[k] += st[k] * st["tokens"]  # token-weighted, so the logged means are per token
                 sums["tokens"] += st["tokens"]
-        if run.world > 1:  # summed, not averaged: each rank's loss already carries the global normaliser
-            for p in trainable(model):
-                if p.grad is None:  # this rank had no rows: it adds zeros, and takes part in every all_reduce
-                    p.grad = torch.zeros_like(p)
-                torch.distributed.all_reduce(p.grad)
+        sum_grads(trainable(model), run.world)  # summed, not averaged: each rank's loss carries the global normaliser
         with fail_together(cfg, run.world, step):  # Adam's first step allocates its state: a likely place for OOM
             gn = torch.nn.utils.clip_grad_norm_(trainable(model), cfg.grad_clip or float("inf"))
             if not torch.isfinite(gn):  # the same on every rank: the gradients were all-reduced
@@ -381,7 +379,7 @@ def update(run, step, *, ro, adv, ref_lp, old_lp):
             if not empty:  # Adam would move the weights on zero gradients by its momentum: a step that learnt nothing
                 opt.step()
             opt.zero_grad(set_to_none=True)
-    return Updated(sums, gn, lr)
+    return Updated(sums=sums, grad_norm=gn, lr=lr)
 
 
 def log_step(run, step, *, batch, adv, upd, times):
@@ -426,8 +424,7 @@ def log_step(run, step, *, batch, adv, upd, times):
         corr = max(-1.0, min(1.0, cov / math.sqrt(var))) if var > 0 else None  # None: no spread, no correlation
         metrics.update(judge_s=g["judge_s"] / w, judge_len_corr=corr)
     if run.rank == 0:
-        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        append_jsonl(os.path.join(cfg.out, "metrics.jsonl"), metrics)
     return metrics
 
 
@@ -502,8 +499,8 @@ def setup(cfg, given):
     jm = None
     if need_judge:  # before the policy: a judge whose tokenizer cannot say yes/no fails before anything big loads
         try:
-            jm = judge.Judge(judge_dir, cfg.judge_rubric, cfg.judge_max_tokens, device,
-                             torch.bfloat16 if bf16 else None)
+            jm = judge.Judge(judge_dir, rubric=cfg.judge_rubric, max_tokens=cfg.judge_max_tokens, device=device,
+                             dtype=torch.bfloat16 if bf16 else None)
         except (OSError, ValueError) as e:
             raise BadInput(f"could not load the judge {cfg.judge!r}: {e}") from None
     tok, tok_files, model = load_policy(cfg, resumed, model_dir, device)
@@ -541,7 +538,7 @@ def setup(cfg, given):
 # ----------------------------------------------------------------------------- main: the loop
 
 def train_loop(run):
-    """Evaluate, then every step's stages in order, evaluating and checkpointing on schedule, then evaluate."""
+    """Evaluate, run every step's stages in order (eval and checkpoint on schedule), evaluate again, plot."""
     cfg, t_run, step = run.cfg, time.time(), run.start
     try:
         if cfg.eval_only:  # measure a model before training it: scores to eval.jsonl, weights untouched
