@@ -182,6 +182,14 @@ def check_settings(cfg, world):
     if not (cfg.tis_cap == 0 or cfg.tis_cap >= 1):  # also refuses NaN
         raise BadInput(f"--tis-cap must be 0 (off) or >= 1, got {cfg.tis_cap}: a cap below 1 would shrink every "
                        "on-policy token")
+    if cfg.tis_cap and (cfg.top_p < 1 or cfg.top_k):
+        raise BadInput(f"--tis-cap with --top-p {cfg.top_p} / --top-k {cfg.top_k}: the sampler's log-probs are of the "
+                       "full softmax, not of the truncated distribution it drew from, so TIS would not see the gap "
+                       "(grpo.py, note 10); use --top-p 1 --top-k 0 with TIS")
+    if cfg.lora_rank and cfg.lora_dropout and (cfg.mu > 1 or cfg.tis_cap):
+        raise BadInput(f"--lora-dropout {cfg.lora_dropout} with --mu {cfg.mu} / --tis-cap {cfg.tis_cap}: pi_old is "
+                       "computed without dropout and the update's log-probs with it, so the ratio would clip on "
+                       "dropout noise; use --lora-dropout 0 with --mu > 1 or --tis-cap")
     if not 0 <= cfg.eps_low < 1 or not (cfg.eps_high is None or cfg.eps_high >= 0):
         raise BadInput(f"--eps-low must be in [0, 1) and --eps-high >= 0, got {cfg.eps_low} and {cfg.eps_high}")
     if cfg.resume and cfg.eval_only:

@@ -13,7 +13,8 @@ The loss is -J. Where this code departs from the paper or offers options:
     eps >= 0 (the paper leaves 0/0 undefined). A group of one gets zero advantage too.
  2. std is unbiased (Bessel) by default, as TRL, verl and the HF course; `unbiased=False` gives np.std, as
     GRPO-Zero and the DeepLearning.AI course. `scale="batch"` divides by the std of the whole batch (TRL's
-    scale_rewards="batch"); `scale="none"` does not divide at all (Dr. GRPO, arXiv 2503.20783).
+    scale_rewards="batch"; over every rank, which the caller passes as `batch_std`); `scale="none"` does not
+    divide at all (Dr. GRPO, arXiv 2503.20783).
  3. eps is split into eps_low / eps_high (DAPO's clip-higher, arXiv 2503.14476, uses eps_high = 0.28);
     eps_high defaults to eps_low, which is the paper.
  4. `loss_type` chooses the aggregation: "grpo" is eq. 3 (mean over each sequence's own tokens, then over
@@ -41,7 +42,10 @@ The loss is -J. Where this code departs from the paper or offers options:
 10. `is_weight` (N, T), when given, multiplies each token's policy-gradient term (not the KL term), detached:
     truncated importance sampling (TIS; Yao et al. 2025, "Your efficient RL framework secretly brings you
     off-policy RL training"; verl PR 2953, TRL PR 3867), w = min(pi_old_trainer / pi_sampler, C), corrects for
-    tokens drawn from a sampler whose probabilities differ from the trainer's (bf16, other kernels).
+    tokens drawn from a sampler whose probabilities differ from the trainer's (bf16, other kernels). It needs
+    pi_sampler to be the distribution the token was drawn from: with top-k / top-p the sampler's log-probs are
+    of the full softmax (note 8), not of the truncated one it drew from, so train.py refuses TIS with them (and
+    logs no mismatch), and it refuses LoRA dropout with TIS or mu > 1, where pi_old would be a dropout sample.
 11. `loss_normalizer(..., keep=)` counts only kept rows: overlong filtering (DAPO, arXiv 2503.14476, sec. 3.4)
     zeroes truncated completions' masks, and the normaliser then excludes them: "grpo" divides by the kept
     sequences, "token" by their tokens, "dr_grpo" by kept sequences x max_new_tokens.
@@ -61,10 +65,12 @@ RATIO_LEVELS = ("token", "sequence")
 
 # ----------------------------------------------------------------------------- 1. group advantages
 
-def group_advantages(rewards, G=None, scale="group", unbiased=True, eps=1e-4):
+def group_advantages(rewards, G=None, scale="group", unbiased=True, eps=1e-4, batch_std=None):
     """A_i = (r_i - mean(group)) / (std + eps); returns (advantages shaped like rewards, fraction of zero-std groups).
 
     rewards: (P, G), or flat (P*G,) with G given. A group whose rewards are all equal gets exactly 0.
+    batch_std: with scale "batch", the std to divide by when the batch is larger than `rewards` (data-parallel
+    ranks each holding a part: the caller reduces it over all of them); None: the std of `rewards`.
     """
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
@@ -84,6 +90,8 @@ def group_advantages(rewards, G=None, scale="group", unbiased=True, eps=1e-4):
     else:
         x = centered if scale == "group" else r.reshape(1, -1) - r.mean()  # pre-centred, for the same reason
         std = x.std(dim=1, keepdim=True, unbiased=unbiased)  # (P|1, 1)
+        if scale == "batch" and batch_std is not None:
+            std = torch.full((1, 1), float(batch_std))  # (1, 1)
         adv = torch.where(const[:, None], 0.0, centered / (std + eps))  # where() keeps 0/0 out for eps=0
     return adv.reshape(shape), const.float().mean().item()
 

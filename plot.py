@@ -42,7 +42,8 @@ def plot(run_dirs, out=""):
         for k in [k for k in (evals[0] if evals else {}) if k.startswith("acc_")]:
             ax[0, 1].plot([e["step"] for e in evals], [e[k] for e in evals], "o-" if k == "acc_strict" else "s--",
                           label=f"eval {k}" + ("" if one else f" {name}"), color=c)
-        ax[1, 0].plot(s, [r["kl"] for r in rows], color=c, label=None if one else name)
+        kl = [float("nan") if r["kl"] is None else r["kl"] for r in rows]  # None: no KL that step (beta 0, empty)
+        ax[1, 0].plot(s, kl, color=c, label=None if one else name)
         ax[1, 1].plot(s, [r["len_mean"] for r in rows], label="mean" if one else name, color=c)
         if one:
             ax[1, 1].plot(s, [r["len_max"] for r in rows], label="max")

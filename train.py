@@ -258,15 +258,26 @@ class Advantages:
     zero_std_frac: float  # the share of all the groups drawn whose rewards have no spread
 
 
+def batch_std(run, r):
+    """The std of the rewards of every rank's rows to train on (two passes: the global mean, then the spread)."""
+    s = all_sum({"n": float(r.numel()), "sum": r.double().sum().item()}, run.world)
+    mean = s["sum"] / max(s["n"], 1)
+    ss = all_sum({"ss": ((r.double() - mean) ** 2).sum().item()}, run.world)["ss"]
+    return math.sqrt(ss / max(s["n"] - int(run.cfg.adv_unbiased_std), 1))
+
+
 def advantages(run, batch):
     """4. Group-relative advantages of the rows to train on, and the share of zero-spread groups."""
-    # A group never spans ranks, so its mean and std are exact locally; with --adv-scale batch the std is this
-    # rank's batch's (grpo.py, departure 2). A zero-std group gets 0: it teaches nothing, and says so in the log.
+    # A group never spans ranks, so its mean and std are exact locally; --adv-scale batch divides by the std of the
+    # whole batch, over every rank and (with --dynamic-sampling) of the kept groups alone (grpo.py, departure 2).
+    # A zero-std group gets 0: it teaches nothing, and says so in the log.
     cfg, total = run.cfg, batch.drawn.total
+    kept = total if batch.rows is None else total[batch.rows]  # (n,)
+    std = batch_std(run, kept) if cfg.adv_scale == "batch" else None
     opts = dict(scale=cfg.adv_scale, unbiased=cfg.adv_unbiased_std, eps=cfg.adv_eps)
     adv, zero_std = group_advantages(total, cfg.group_size, **opts)
-    if batch.rows is not None:  # --dynamic-sampling: the kept groups alone (the batch std, with --adv-scale batch)
-        adv = group_advantages(total[batch.rows], cfg.group_size, **opts)[0]
+    if batch.rows is not None or std is not None:
+        adv = group_advantages(kept, cfg.group_size, **opts, batch_std=std)[0]
     return Advantages(values=adv.to(run.device), zero_std_frac=zero_std)
 
 
@@ -281,11 +292,16 @@ def logprobs(run, m, ro, sl, entropy=False):
                           temperature=run.cfg.temperature, chunk=run.cfg.logprob_chunk, entropy=entropy)
 
 
+def loss_mask(run, ro):
+    """(n, T) bool: the tokens the loss sees; --mask-truncated leaves out completions that did not stop (note 11)."""
+    return ro.completion_mask & ro.stopped[:, None] if run.cfg.mask_truncated else ro.completion_mask
+
+
 @torch.no_grad()
 def reference_logprobs(run, ro):
-    """5. The frozen reference's token log-probs (n, T) for the k3 KL term; None when beta == 0 (or no rows)."""
+    """5. The frozen reference's token log-probs (n, T) for the k3 KL term; None when beta == 0 or nothing to learn."""
     mbs = micro_batches(run, ro)
-    if not mbs or run.cfg.beta == 0:  # --dynamic-sampling may leave this rank no rows
+    if not mbs or run.cfg.beta == 0 or not loss_mask(run, ro).any():  # no rows, or every one cut: the KL is moot
         return None
     with run.amp():
         if run.ref is not None:
@@ -334,7 +350,7 @@ def update(run, step, *, ro, adv, ref_lp, old_lp):
     # --mask-truncated: the loss sees only completions that stopped (grpo.py, note 11); log-probs, entropy and the
     # mismatch still cover every sampled token
     keep = ro.stopped if cfg.mask_truncated else None
-    mask = ro.completion_mask & ro.stopped[:, None] if cfg.mask_truncated else ro.completion_mask  # (n, T)
+    mask = loss_mask(run, ro)  # (n, T)
     # One normaliser for the whole optimizer batch, summed over ranks (grpo.py, departure 5): each micro-batch's
     # loss is already divided by it, so accumulating gradients over micro-batches and summing them over ranks
     # gives exactly the gradient of one big single-process batch.
@@ -359,7 +375,8 @@ def update(run, step, *, ro, adv, ref_lp, old_lp):
                     observe(sums, ent, old, ro, sl)
                 w = tis_weights(old, ro.logprobs[sl], mask[sl], cfg.tis_cap) if cfg.tis_cap else None
                 loss, st = grpo_loss(lp, old, adv[sl], mask[sl], normalizer=norm, loss_type=cfg.loss_type,
-                                     ref_logp=None if ref_lp is None else ref_lp[sl], beta=cfg.beta,
+                                     ref_logp=None if ref_lp is None else ref_lp[sl],
+                                     beta=0.0 if ref_lp is None else cfg.beta,  # None: no token to learn from
                                      eps_low=cfg.eps_low, eps_high=cfg.eps_high, ratio_level=cfg.ratio_level,
                                      is_weight=w)
                 if not torch.isfinite(loss):
@@ -402,17 +419,29 @@ def log_step(run, step, *, batch, adv, upd, times):
         "truncated": float((~d.ro.stopped).sum()), "completion_tokens": float(d.ro.completion_mask.sum()), **times,
         **sums, **js}, run.world)
     len_max, mm_max = all_max([float(d.ro.lengths.max()), mm_max], run.world)  # reduced by max, not sum
-    n, ntok, nsam, w = g["rows"], max(g["tokens"], 1), max(g["sampled_tokens"], 1), run.world
+    n, w = g["rows"], run.world
     mean = g["reward"] / n
+
+    def per_token(k):  # a mean over the tokens the loss saw; None in a step that had none (nothing was learnt)
+        return g[k] / g["tokens"] if g["tokens"] else None
+
+    def per_sampled(k, exists=True):  # a mean over every sampled token of the rows trained on
+        return g[k] / g["sampled_tokens"] if g["sampled_tokens"] and exists else None
+    # The mismatch compares the sampler's log-probs with the trainer's pi_old: with top-k/top-p the sampler's are of
+    # the full softmax, not of what it drew from, and with LoRA dropout pi_old is a dropout sample; neither is the
+    # sampler/trainer gap, so neither is logged.
+    gap = cfg.top_p == 1 and not cfg.top_k and not (cfg.lora_rank and cfg.lora_dropout)
     metrics = {
         "step": step, "reward_mean": mean, "reward_std": math.sqrt(max(g["reward_sq"] / n - mean ** 2, 0.0)),
         **{k: g[k] / n for k in g if k.startswith("reward/")}, **{k: g[k] / n for k in row_metrics},
         "zero_std_frac": g["zero_std"] / g["groups"], "len_mean": g["len"] / n, "len_max": len_max,
-        "truncated_frac": g["truncated"] / n, "kl": g["kl"] / ntok, "ratio": g["ratio"] / ntok,
-        "clip_low": g["clip_low"] / ntok, "clip_high": g["clip_high"] / ntok, "loss": g["loss"] / cfg.mu,
+        "truncated_frac": g["truncated"] / n, "kl": per_token("kl") if cfg.beta else None,  # beta 0: no KL at all
+        "ratio": per_token("ratio"), "clip_low": per_token("clip_low"), "clip_high": per_token("clip_high"),
+        "loss": g["loss"] / cfg.mu if g["tokens"] else None,
         # over every sampled token: the policy's entropy, and the sampler's log-prob distance from the trainer's
-        "entropy": g["entropy"] / nsam, "mismatch_mean": g["mm_abs"] / nsam, "mismatch_max": mm_max,
-        "mismatch_out_frac": g["mm_out"] / nsam,
+        "entropy": per_sampled("entropy"), "mismatch_mean": per_sampled("mm_abs", gap),
+        "mismatch_max": mm_max if per_sampled("mm_abs", gap) is not None else None,
+        "mismatch_out_frac": per_sampled("mm_out", gap),
         "grad_norm": upd.grad_norm.item(), "lr": upd.lr, "sample_s": g["sample_s"] / w, "train_s": g["train_s"] / w,
         "step_s": g["step_s"] / w, "completion_tokens": g["completion_tokens"],
         "tokens_per_s": g["completion_tokens"] / max(g["step_s"] / w, 1e-9),  # whole step, all ranks
@@ -433,7 +462,8 @@ def print_step(run, step, metrics, *, batch, t_run):
     cfg, d = run.cfg, batch.drawn
     eta = (time.time() - t_run) / (step - run.start) * (cfg.steps - step)
     accs = " / ".join(f"{metrics[k]:.2f}" for k in metrics if k.startswith("acc_"))
-    run.log(f"step {step}/{cfg.steps} | reward {metrics['reward_mean']:.3f} | acc {accs} | kl {metrics['kl']:.4f} | "
+    kl = "-" if metrics["kl"] is None else f"{metrics['kl']:.4f}"  # no KL: beta 0, or nothing learnt this step
+    run.log(f"step {step}/{cfg.steps} | reward {metrics['reward_mean']:.3f} | acc {accs} | kl {kl} | "
             f"len {metrics['len_mean']:.0f} | {metrics['tokens_per_s']:.0f} tok/s | ETA {eta / 60:.1f} min", flush=True)
     if cfg.print_every and step % cfg.print_every == 0:
         rewards = {k: round(v[0], 3) for k, v in d.per_fn.items()}

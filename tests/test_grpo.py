@@ -240,6 +240,20 @@ def test_scale_batch_divides_by_batch_std(r, unbiased, eps):
     assert ((adv.double() - ref).abs() <= 1e-6 + 16 * F32_EPS * x.abs().max() / s).all()
 
 
+@FAST
+@given(r=reward_batches(min_G=2, max_P=6), cut=st.integers(0, 6), unbiased=st.booleans())
+def test_scale_batch_split_over_ranks_with_the_global_std_equals_one_batch(r, cut, unbiased):
+    """Departure 2 across ranks: each rank holds some groups; given the whole batch's std (batch_std), their
+    advantages are the whole batch's. Without it each part would divide by its own std."""
+    cut = min(cut, r.shape[0])
+    whole, _ = grpo.group_advantages(r, scale="batch", unbiased=unbiased)
+    s = (r.double() - r.double().mean()).pow(2).sum() / max(r.numel() - int(unbiased), 1)
+    assume(s.sqrt() > 1e-3)
+    parts = [grpo.group_advantages(p, scale="batch", unbiased=unbiased, batch_std=s.sqrt().item())[0]
+             for p in (r[:cut], r[cut:]) if len(p)]
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-5, atol=1e-6)
+
+
 def test_advantage_defaults_and_numpy_std():
     """Defaults: unbiased (Bessel) std and eps = 1e-4 (claim 1-2); unbiased=False is np.std (ddof=0)."""
     r = torch.tensor([[0.0, 1.0, 1.0, 2.0], [3.0, -1.0, 0.5, 0.5]])

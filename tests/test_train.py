@@ -420,6 +420,10 @@ def nothing_loads(monkeypatch):
     (["--judge", "j", "--judge-rubric", "tone"], "--judge-rubric: rubric 'tone' is neither a built-in one"),
     (["--judge", "j", "--judge-weight", "0"], "--judge-weight must be > 0, got 0.0"),
     (["--judge-max-tokens", "0"], "--judge-max-tokens must be >= 1, got 0"),
+    (["--tis-cap", "2", "--top-p", "0.9"], r"--tis-cap with --top-p 0.9 / --top-k 0: the sampler's log-probs"),
+    (["--tis-cap", "2", "--top-k", "5"], r"--tis-cap with --top-p 1.0 / --top-k 5"),
+    (["--lora-rank", "4", "--lora-dropout", "0.1", "--mu", "2"], "--lora-dropout 0.1 with --mu 2 / --tis-cap 0.0: "),
+    (["--lora-rank", "4", "--lora-dropout", "0.1", "--tis-cap", "2"], "--lora-dropout 0.1 with --mu 1 / --tis-cap 2"),
 ])
 def test_bad_settings_are_one_line_before_anything_loads(tmp_path, nothing_loads, flags, message):
     with pytest.raises(SystemExit, match=message):
@@ -618,9 +622,41 @@ def test_gspo_first_step_equals_grpo_and_mask_truncated_drops_cut_rows(tiny_ckpt
     assert m1["grad_norm"] == pytest.approx(m0["grad_norm"], rel=1e-5)
     cut, m = one_step_weights(tiny_ckpt, data_dir, tmp_path / "c", "--mask-truncated", "--max-new-tokens", "3",
                               "--beta", "0")
-    assert m["truncated_frac"] == 1.0 and m["grad_norm"] == 0.0 and m["loss"] == 0.0
+    assert m["truncated_frac"] == 1.0 and m["grad_norm"] == 0.0
     init = Transformer.from_pretrained(tiny_ckpt).state_dict()
     assert all(torch.equal(cut[k], init[k]) for k in init)
+
+
+def test_a_step_with_nothing_to_learn_logs_null_and_runs_no_reference(tiny_ckpt, data_dir, tmp_path, toy_task,
+                                                                       monkeypatch):
+    """Every completion cut with --mask-truncated: no token to learn from, so no loss, ratio, KL or clip fraction
+    exists (null, not 0), and the reference's forward, which could not matter, never runs. beta 0: no KL, ever."""
+    models = []  # the model of every token_logprobs call
+    real = train.token_logprobs
+    monkeypatch.setattr(train, "token_logprobs", lambda m, *a, **k: models.append(m) or real(m, *a, **k))
+    _, m = one_step_weights(tiny_ckpt, data_dir, tmp_path / "c", "--mask-truncated", "--max-new-tokens", "3")
+    assert m["truncated_frac"] == 1.0 and m["grad_norm"] == 0.0
+    assert all(m[k] is None for k in ("loss", "ratio", "kl", "clip_low", "clip_high")), m
+    assert m["entropy"] is not None and m["mismatch_mean"] is not None  # these cover every sampled token
+    assert models and len({id(x) for x in models}) == 1  # only the policy's forward (pass 0, for the metrics)
+    models.clear()
+    _, m = one_step_weights(tiny_ckpt, data_dir, tmp_path / "d", "--beta", "0")
+    assert m["kl"] is None and m["ratio"] == pytest.approx(1.0) and m["loss"] is not None
+    models.clear()
+    _, m = one_step_weights(tiny_ckpt, data_dir, tmp_path / "e")  # with beta > 0 the reference runs, as before
+    assert m["kl"] == 0.0 and len({id(x) for x in models}) == 2
+
+
+def test_mismatch_is_null_where_the_sampler_logprobs_are_not_what_it_drew_from(tiny_ckpt, data_dir, tmp_path,
+                                                                                toy_task):
+    """Top-p/top-k: the sampler's log-probs are of the full softmax (grpo.py note 8); LoRA dropout: pi_old is a
+    dropout sample. Either way mismatch_* would not measure the sampler/trainer gap, so it is null."""
+    for i, flags in enumerate((["--top-p", "0.9"], ["--top-k", "20"], ["--lora-rank", "4", "--lora-dropout", "0.1"])):
+        train.main(["--task", "toy", "--steps", "1", *args(tiny_ckpt, data_dir, tmp_path / str(i)), "--eval-n", "0",
+                    *flags])
+        m = metrics(tmp_path / str(i))[0]
+        assert m["mismatch_mean"] is None and m["mismatch_max"] is None and m["mismatch_out_frac"] is None, flags
+        assert m["entropy"] is not None and m["loss"] is not None
 
 
 def flat_for_some(completion, question="", **_):
