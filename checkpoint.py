@@ -14,7 +14,6 @@ import sys
 from dataclasses import asdict, dataclass, fields
 
 import torch
-import torch.distributed as dist
 
 import lora
 from config import BadInput, TrainConfig, lora_targets
@@ -225,8 +224,7 @@ def save(step, *, cfg, model, opt, tok_files, rank, world, log):
         for old in checkpoints(cfg.out)[:-cfg.keep_last]:
             shutil.rmtree(old)
         log(f"saved {final}")
-    if world > 1:
-        dist.barrier()
+    # with world > 1 the caller's fail_together is the barrier after this: every rank waits there for rank 0
 
 
 def interrupted(cfg, step, rank=0, started=True):

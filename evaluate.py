@@ -12,7 +12,7 @@ import torch
 
 from checkpoint import append_jsonl
 from play import play
-from ranks import gather_records
+from ranks import fail_together, gather_records
 from sample import generate
 
 
@@ -34,7 +34,7 @@ def progress(log, *, done, world, total, mine, t0, scores, unit=""):
 
 @torch.no_grad()
 def evaluate(model, tok, task, test, *, n, batch, max_new_tokens, amp, rank, world, log=print):
-    """Greedy pass@1 on the first n test problems, sharded across ranks; returns (metrics, per-problem rows)."""
+    """Greedy pass@1 on this rank's share of the first n test problems: one row per problem, with its metrics."""
     total = min(n, len(test))
     mine = list(range(rank, total, world))
     rows, t0 = [], time.time()
@@ -48,14 +48,12 @@ def evaluate(model, tok, task, test, *, n, batch, max_new_tokens, amp, rank, wor
             rows.append({"index": i, "completion": text, **{k: f(text, **test[i]) for k, f in task.metrics.items()}})
         accs = " ".join(f"{k} {sum(r[k] for r in rows) / len(rows):.3f}" for k in task.metrics)
         progress(log, done=len(rows), world=world, total=total, mine=len(mine), t0=t0, scores=accs)
-    rows = gather_records(rows, world)
-    count = max(len(rows), 1)
-    return {"n": len(rows), **{k: sum(r[k] for r in rows) / count for k in task.metrics}}, rows
+    return rows
 
 
 @torch.no_grad()
 def evaluate_games(model, tok, task, test, *, n, batch, max_new_tokens, amp, rank, world, log=print):
-    """Greedy whole games on the first n test secrets, sharded across ranks; returns (game summary, per-game rows)."""
+    """Greedy whole games on this rank's share of the first n test secrets: one row per game, with its record."""
     total = min(n, len(test))
     mine = list(range(rank, total, world))
     rows, t0 = [], time.time()
@@ -67,24 +65,36 @@ def evaluate_games(model, tok, task, test, *, n, batch, max_new_tokens, amp, ran
         summary = " ".join(f"{k} {v:.3f}" for k, v in task.game_summary(rows).items() if v is not None)
         progress(log, done=len(rows), world=world, total=total, mine=len(mine), t0=t0, scores=summary,
                  unit=" games")
-    rows = gather_records(rows, world)
-    return {"n": len(rows), **task.game_summary(rows)}, rows
+    return rows
+
+
+def summarize(task, rows):
+    """The scores of an evaluation's rows (all ranks'): n, then the mean of each metric (games: their summary)."""
+    if task.game:
+        return {"n": len(rows), **task.game_summary(rows)}
+    return {"n": len(rows), **{k: sum(r[k] for r in rows) / max(len(rows), 1) for k in task.metrics}}
 
 
 def evaluate_and_record(model, tok, task, test, step, *, cfg, amp, rank, world, log=print):
-    """Evaluate, write eval.jsonl and eval/step-N.jsonl; returns the scores (None with --eval-n 0: no evaluation)."""
+    """Evaluate, write eval/step-N.jsonl and eval.jsonl; returns the scores (None with --eval-n 0: no evaluation)."""
     if cfg.eval_n == 0:
         return None
     log(f"eval step {step}: {min(cfg.eval_n, len(test))} test {'games' if task.game else 'problems'}, "
         f"greedy, up to {cfg.max_new_tokens} new tokens{' a turn' if task.game else ''}")
-    metrics, rows = (evaluate_games if task.game else evaluate)(
-        model.eval(), tok, task, test, n=cfg.eval_n, batch=cfg.eval_batch, max_new_tokens=cfg.max_new_tokens,
-        amp=amp, rank=rank, world=world, log=log)
-    if rank == 0:
-        append_jsonl(os.path.join(cfg.out, "eval.jsonl"), {"step": step, **metrics})
-        os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)
-        with open(os.path.join(cfg.out, "eval", f"step-{step}.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+    # A rank failing while it evaluates, or rank 0 while it writes, ends every rank with its message: the gather
+    # between them is a collective, which no rank reaches unless all got there (ranks.fail_together).
+    with fail_together(cfg, world, step):
+        rows = (evaluate_games if task.game else evaluate)(
+            model.eval(), tok, task, test, n=cfg.eval_n, batch=cfg.eval_batch, max_new_tokens=cfg.max_new_tokens,
+            amp=amp, rank=rank, world=world, log=log)
+    rows = gather_records(rows, world)
+    with fail_together(cfg, world, step):
+        metrics = summarize(task, rows)
+        if rank == 0:
+            os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)
+            with open(os.path.join(cfg.out, "eval", f"step-{step}.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            append_jsonl(os.path.join(cfg.out, "eval.jsonl"), {"step": step, **metrics})
     log(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                          for k, v in metrics.items()))
     return metrics

@@ -37,7 +37,7 @@ import torch
 import judge
 import lora
 from checkpoint import (append_jsonl, check_out_dir, check_resume, interrupted, last_checkpoint, load_model,
-                        load_policy, read_resume, resolve_judge, resolve_model, save, start_records)
+                        load_policy, read_jsonl, read_resume, resolve_judge, resolve_model, save, start_records)
 from config import BadInput, TrainConfig, check_settings, parse_args, pick_device
 from evaluate import completion_texts, evaluate_and_record
 from grpo import group_advantages, grpo_loss, loss_normalizer, mismatch, tis_weights, token_logprobs
@@ -478,8 +478,9 @@ def run_eval(run, step):
 
 def save_checkpoint(run, step):
     """step-N/ in the run dir, atomically, keeping the last --keep-last (checkpoint.py)."""
-    save(step, cfg=run.cfg, model=run.model, opt=run.opt, tok_files=run.tok_files, rank=run.rank, world=run.world,
-         log=run.log)
+    with fail_together(run.cfg, run.world, step):  # rank 0 writes; if that fails, every rank ends with its message
+        save(step, cfg=run.cfg, model=run.model, opt=run.opt, tok_files=run.tok_files, rank=run.rank,
+             world=run.world, log=run.log)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -599,8 +600,8 @@ def train_loop(run):
                 run_eval(run, step)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save_checkpoint(run, step)
-        if step > run.start or run.start == 0:  # the final evaluation, unless a resume found nothing left to do
-            run_eval(run, cfg.steps)
+        if not any(e["step"] == cfg.steps for e in read_jsonl(os.path.join(cfg.out, "eval.jsonl"))):
+            run_eval(run, cfg.steps)  # the final evaluation, also after a resume that finds it missing
         if run.rank == 0:
             plot(cfg.out)
     except torch.OutOfMemoryError:

@@ -33,6 +33,15 @@ if os.environ.get("RAISE_RANK") == os.environ.get("RANK", "0"):  # a reward func
     def broken(completion, **_):
         raise KeyError("gold")
     train.TASKS["toy"] = train.Task(g.load, g.prompt, [(1.0, broken)], g.metrics)
+if os.environ.get("EVAL_RAISE_RANK") == os.environ.get("RANK", "0"):  # evaluation fails on this rank only
+    import evaluate
+    def broken_generate(*a, **k):
+        raise RuntimeError("eval broke")
+    evaluate.generate = broken_generate
+if os.environ.get("SAVE_RAISE") and os.environ.get("RANK", "0") == "0":  # rank 0 cannot write its checkpoint
+    def broken_save(*a, **k):
+        raise OSError("disk full")
+    train.save = broken_save
 train.main(sys.argv[1:])
 """
 
@@ -60,7 +69,7 @@ def run(setup, out, nproc, *extra, env_extra=None, ok=True):
     p = subprocess.Popen(launch + flags, cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1", **(env_extra or {})),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        log, _ = p.communicate(timeout=120)
+        log, _ = p.communicate(timeout=300)  # fitted to a loaded 2-core machine
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)  # leave no rank behind
@@ -119,11 +128,14 @@ def test_indivisible_prompts_per_step_is_a_clear_error(setup, tmp_path):
 @pytest.mark.parametrize("env, message", [
     ({"NAN_RANK": "1"}, "rank 1 of 2 failed at step 1: non-finite loss nan"),
     ({"RAISE_RANK": "0"}, "rank 0 of 2 failed at step 1: KeyError: 'gold' (traceback above)"),
+    ({"EVAL_RAISE_RANK": "1"}, "rank 1 of 2 failed at step 0: RuntimeError: eval broke (traceback above)"),
+    ({"SAVE_RAISE": "1"}, "rank 0 of 2 failed at step 1: OSError: disk full (traceback above)"),
 ])
 def test_one_rank_failing_ends_every_rank_with_its_message(setup, tmp_path, env, message):
     # without fail_together the failing rank exits and the other waits in all_reduce (or torchrun kills it
     # silently); here both reach the same check, and each exits non-zero with the same line
-    rc, log = run(setup, tmp_path / "x", 2, "--steps", "2", "--eval-n", "1", env_extra=env, ok=False)
+    rc, log = run(setup, tmp_path / "x", 2, "--steps", "2", "--eval-n", "2", "--save-every", "1", env_extra=env,
+                  ok=False)
     assert rc != 0
     assert log.count("train.py: error: " + message) == 2, log  # printed by both ranks
 

@@ -52,8 +52,8 @@ def args(ckpt, data, out, *extra):
             "--seed", "3", *extra]
 
 
-def metrics(run):
-    return [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))]
+def metrics(run, name="metrics.jsonl"):
+    return [json.loads(l) for l in open(os.path.join(run, name))]
 
 
 TIMING = ("sample_s", "judge_s", "train_s", "step_s", "tokens_per_s")
@@ -319,6 +319,26 @@ def test_resume_twice_across_checkpoint_rotation(tiny_ckpt, data_dir, tmp_path, 
     assert open(out / "step-6" / "tokenizer.json", "rb").read() == tok
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5, 6]
     assert without_timing(metrics(out)[4:]) == without_timing(metrics(full)[4:])  # the third segment
+
+
+def test_a_crash_in_the_final_evaluation_is_redone_on_resume(tiny_ckpt, data_dir, tmp_path, toy_task, monkeypatch):
+    """step-N/ is saved before the final evaluation: a crash there leaves a run with nothing left to train, and
+    --resume must still write the final record, the number every learning claim rests on."""
+    out, real = tmp_path / "run", train.evaluate_and_record
+
+    def crash_at_the_end(*a, **k):
+        if a[4] == 2:  # the step
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(train, "evaluate_and_record", crash_at_the_end)
+    with pytest.raises(SystemExit):
+        train.main(["--task", "toy", "--steps", "2", *args(tiny_ckpt, data_dir, out), "--eval-n", "3"])
+    assert os.path.isdir(out / "step-2") and [e["step"] for e in metrics(out, "eval.jsonl")] == [0]
+    monkeypatch.setattr(train, "evaluate_and_record", real)
+    train.main(["--resume", str(out)])
+    assert [e["step"] for e in metrics(out, "eval.jsonl")] == [0, 2] and os.path.isfile(out / "eval" / "step-2.jsonl")
+    train.main(["--resume", str(out)])  # now complete: nothing is redone
+    assert [e["step"] for e in metrics(out, "eval.jsonl")] == [0, 2] and len(metrics(out)) == 2
 
 
 def test_checkpoint_without_tokenizer_is_never_resumed(tiny_ckpt, data_dir, tmp_path, toy_task):
