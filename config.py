@@ -166,6 +166,8 @@ def check_settings(cfg, world):
                  "beta", "adv_eps", "dynamic_max_rounds"):
         if not getattr(cfg, name) >= 0:  # `not >=` also refuses NaN
             raise BadInput(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.seed >= 2 ** 64:
+        raise BadInput(f"--seed must be < 2**64, got {cfg.seed}: it seeds 64-bit sampling streams")
     if cfg.group_size < 2:
         raise BadInput(f"--group-size must be >= 2, got {cfg.group_size}: GRPO's advantage is a reward minus its "
                        "group's mean, so a group of one has zero advantage and nothing is ever learned")

@@ -86,7 +86,12 @@ def lr_at(step, cfg):
 # Each stage is a function of the Run and what the earlier stages returned, so a forker can replace one (a
 # different reward mixing, another advantage estimator, a rollout engine) without touching the rest.
 
-EXTRA_POS = 2 ** 62  # dynamic sampling's extra rounds number their prompts from here: never a data position
+def stream_seed(*key):
+    """A 64-bit seed for one sampling stream, a different one for every key (ints in [0, 2**64))."""
+    # Each int becomes exactly two uint32 words and the key's length closes it, so no two keys give SeedSequence the
+    # same words (it reads 2**32 as [0, 1] and drops trailing zero words, which a plain list of ints would collide on).
+    words = [w for k in key for w in (int(k) & 0xFFFFFFFF, int(k) >> 32)] + [len(key)]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0])
 
 
 def data_indices(step, cfg, n):
@@ -98,18 +103,19 @@ def data_indices(step, cfg, n):
 
 
 def next_prompts(run, step, round_=0):
-    """1. This rank's share of the step's prompts: (examples, their global data positions)."""
-    # round_ > 0 is an extra round of --dynamic-sampling. Rank r takes positions r*P .. r*P+P-1 of the step's global
-    # batch, so the split never changes what is drawn.
+    """1. This rank's share of the step's prompts: (examples, each one's sampling-stream key)."""
+    # round_ > 0 is an extra round of --dynamic-sampling. Rank r takes prompts r*P .. r*P+P-1 of the step's global
+    # batch, so the split never changes what is drawn. A key names a prompt's place in the run: (0, its data
+    # position, 0, 0), or in an extra round (1, step, round, its index in the round).
     cfg, n = run.cfg, len(run.train)
     if round_ == 0:
         idx, pos = data_indices(step, cfg, n)
+        keys = [(0, int(q), 0, 0) for q in pos]
     else:  # drawn from (seed, step, round) alone, so the data order, resume and rank count stay as without them
         idx = np.random.default_rng([cfg.seed, step, round_]).integers(n, size=cfg.prompts_per_step).tolist()
-        pos = EXTRA_POS + ((step * (cfg.dynamic_max_rounds + 1) + round_) * cfg.prompts_per_step
-                           + np.arange(cfg.prompts_per_step))  # distinct sampling streams for every extra prompt
+        keys = [(1, step, round_, j) for j in range(cfg.prompts_per_step)]
     sl = slice(run.rank * run.P, (run.rank + 1) * run.P)
-    return [run.train[i] for i in idx[sl]], pos[sl]
+    return [run.train[i] for i in idx[sl]], keys[sl]
 
 
 @dataclass
@@ -121,23 +127,22 @@ class Sampled:
     seconds: float
 
 
-def rollout(run, examples, pos):
+def rollout(run, examples, keys):
     """2. G completions per prompt from the current policy (sample.py), or G whole games per example (play.py)."""
     cfg, G = run.cfg, run.cfg.group_size
     run.model.eval()
     t0 = time.time()
     if run.games:  # G games per example, played to the end; the game's replies are outside the loss mask
         games = [run.task.game(ex) for ex in examples for _ in range(G)]
-        # a generator per game, from (seed, data position, game): independent of rank and batch, as below
-        gens = [torch.Generator(run.device).manual_seed(int(np.random.SeedSequence([cfg.seed, int(q), j])
-                                                            .generate_state(1)[0])) for q in pos for j in range(G)]
+        # a generator per game, from (seed, the prompt's key, game): independent of rank and batch, as below
+        gens = [torch.Generator(run.device).manual_seed(stream_seed(cfg.seed, *k, j)) for k in keys for j in range(G)]
         ro, texts = play(run.model, run.tok, games, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                          top_p=cfg.top_p, top_k=cfg.top_k, generators=gens, group_size=G, amp=run.amp(),
                          compile=cfg.compile)
         return Sampled(ro=ro, texts=texts, extra=[{"game": g.record()} for g in games], seconds=time.time() - t0)
-    # One generator per prompt, seeded by the prompt's global data position: a prompt's completions do not
-    # depend on which rank drew it or on what else is in the batch, so N ranks sample what 1 process would.
-    gens = [torch.Generator(run.device).manual_seed(cfg.seed * 2 ** 32 + int(q)) for q in pos]
+    # One generator per prompt, seeded by (seed, the prompt's key): a prompt's completions do not depend on which
+    # rank drew it or on what else is in the batch, so N ranks sample what 1 process would.
+    gens = [torch.Generator(run.device).manual_seed(stream_seed(cfg.seed, *k)) for k in keys]
     prompts = [run.tok.encode_chat(run.task.prompt(ex)) for ex in examples]
     with run.amp():
         ro = generate(run.model, prompts, G=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -225,8 +230,8 @@ def refill(run, step, scored):
     parts, flags = [scored], [informative(run, scored.total)]
     while sum(int(f.sum()) for f in flags) < PG and len(flags) <= cfg.dynamic_max_rounds:
         with fail_together(cfg, run.world, step):
-            examples, pos = next_prompts(run, step, len(flags))
-            parts.append(score(run, examples, rollout(run, examples, pos)))
+            examples, keys = next_prompts(run, step, len(flags))
+            parts.append(score(run, examples, rollout(run, examples, keys)))
         flags.append(informative(run, parts[-1].total))
     rows, kept = pick_rows(flags, run.rank, run.P, cfg.group_size)
     with fail_together(cfg, run.world, step):  # no collective inside; a rank out of memory here tells the others
@@ -579,8 +584,8 @@ def train_loop(run):
         for step in range(run.start + 1, cfg.steps + 1):
             t_step = time.time()
             with fail_together(cfg, run.world, step):  # one rank's error ends every rank with its message, not a hang
-                examples, pos = next_prompts(run, step)             # 1. this rank's P prompts
-                sampled = rollout(run, examples, pos)               # 2. G completions (or games) each
+                examples, keys = next_prompts(run, step)            # 1. this rank's P prompts
+                sampled = rollout(run, examples, keys)              # 2. G completions (or games) each
                 scored = score(run, examples, sampled)              # 3. rewards and metrics
             batch = Batch(drawn=scored, ro=scored.ro, rows=None, ds=None)
             if cfg.dynamic_sampling:

@@ -321,6 +321,22 @@ def test_resume_twice_across_checkpoint_rotation(tiny_ckpt, data_dir, tmp_path, 
     assert without_timing(metrics(out)[4:]) == without_timing(metrics(full)[4:])  # the third segment
 
 
+def test_sampling_streams_never_collide_and_big_seeds_train(tiny_ckpt, data_dir, tmp_path, toy_task):
+    """Every (seed, prompt key) gets its own stream: the old seed * 2**32 + position overflowed manual_seed from seed
+    2**32 on (3 * 2**30 with dynamic sampling), and seed s's extra rounds reused seed s + 2**30's streams."""
+    seeds = (0, 1, 2 ** 30, 2 ** 32, 3 * 2 ** 30, 2 ** 64 - 1)
+    keys = [(0, q, 0, 0) for q in (0, 1, 2 ** 32, 2 ** 62)]
+    keys += [(1, t, r, j) for t in (1, 2) for r in (1, 2) for j in (0, 1)]
+    streams = [train.stream_seed(s, *k) for s in seeds for k in keys]
+    assert len(set(streams)) == len(streams) and all(0 <= x < 2 ** 64 for x in streams)
+    assert len({train.stream_seed(s, *k, g) for s in seeds for k in keys for g in range(3)}) == len(streams) * 3
+    train.main(["--task", "toy", "--steps", "1", *args(tiny_ckpt, data_dir, tmp_path / "big"), "--eval-n", "0",
+                "--seed", str(2 ** 32 + 5), "--dynamic-sampling"])
+    assert metrics(tmp_path / "big")[0]["step"] == 1
+    with pytest.raises(SystemExit, match=r"--seed must be < 2\*\*64"):
+        train.main(["--out", str(tmp_path / "r"), "--seed", str(2 ** 64)])
+
+
 def test_a_crash_in_the_final_evaluation_is_redone_on_resume(tiny_ckpt, data_dir, tmp_path, toy_task, monkeypatch):
     """step-N/ is saved before the final evaluation: a crash there leaves a run with nothing left to train, and
     --resume must still write the final record, the number every learning claim rests on."""
