@@ -6,6 +6,7 @@ is a Hugging Face model dir (with LoRA a PEFT adapter dir) plus the tokenizer fi
 """
 import copy
 import glob
+import hashlib
 import itertools
 import json
 import os
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 import lora
-from config import BadInput, TrainConfig, lora_targets
+from config import IDENTITY, BadInput, TrainConfig, lora_targets
 from model import Transformer, resolve_checkpoint
 from tokenizer import Tokenizer
 
@@ -40,6 +41,28 @@ def check_out_dir(out):
         os.remove(probe)
     except OSError as e:
         raise BadInput(f"--out {out}: cannot write there ({e.strerror})") from None
+
+
+def holds_run(d):
+    """Whether a dir holds (part of) a training run: its records, a step-N/ dir, or a run's config.json."""
+    if not os.path.isdir(d):
+        return False
+    if any(os.path.isfile(os.path.join(d, f)) for f in ("metrics.jsonl", "eval.jsonl")) or \
+            glob.glob(os.path.join(d, "step-*")):
+        return True
+    try:  # a model dir has a config.json too: a run's is TrainConfig's
+        return "group_size" in json.load(open(os.path.join(d, "config.json")))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def check_new_run_dir(out):
+    """A new run never writes over another one: its history would be cut, and a later --resume would mix the two."""
+    if holds_run(out):
+        ck = checkpoints(out)
+        raise BadInput(f"--out {out} already holds a run; continue it with --resume {out}, or pass a new --out" if ck
+                       else f"--out {out} already holds a run with no checkpoint to resume; delete it or pass a new "
+                       "--out")
 
 
 def read_jsonl(path):
@@ -75,12 +98,41 @@ def start_records(cfg, start):
 def resolve_model(cfg, resumed):
     """--model as a local dir (downloaded if a hub id), or one line saying which model could not be found."""
     try:
-        return resolve_checkpoint(cfg.model)
+        path = resolve_checkpoint(cfg.model)
     except OSError as e:
         if resumed:  # the policy comes from the checkpoint; --model is the reference, and it may have moved
             raise BadInput(f"the reference model (the run's initial weights, --model): {e}; if it moved, pass "
                            "--model NEW_PATH with --resume") from None
         raise BadInput(f"--model: {e}") from None
+    if holds_run(path):  # a run dir's config.json is the run's, not a model's
+        ck = checkpoints(path)
+        raise BadInput(f"--model {cfg.model} is a run dir, not a model: pass one of its checkpoints"
+                       + (f", e.g. --model {ck[-1]}" if ck else " (it has none yet)"))
+    return path
+
+
+# config keys that a re-save or a move may rewrite without changing the model
+VOLATILE = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "base_model_name_or_path")
+
+
+def fingerprint(path):
+    """A model dir's identity, wherever it lies: its config and, per weight file, the header and the first and last
+    64 KiB of the tensors (cheap for any size, and changed by any real change of the weights' layout or values)."""
+    h = hashlib.sha256()
+    for name in ("config.json", lora.ADAPTER_CONFIG):
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            kept = {k: v for k, v in json.load(open(f)).items() if k not in VOLATILE}
+            h.update(json.dumps(kept, sort_keys=True).encode())
+    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        size = os.path.getsize(f)
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")  # safetensors: an 8-byte header length, the JSON header, data
+            h.update(fh.read(n))
+            h.update(fh.read(65536))
+            fh.seek(max(size - 65536, 8 + n))
+            h.update(fh.read())
+    return h.hexdigest()
 
 
 def resolve_judge(cfg):
@@ -176,13 +228,29 @@ def read_resume(cfg, given):
                        f"({type(e).__name__}: {e})") from None
     names = {f.name for f in fields(TrainConfig)}
     saved = TrainConfig(**{k: v for k, v in state["config"].items() if k in names})
+    for n in IDENTITY:  # what the run is cannot change under it
+        if n in given and getattr(cfg, n) != getattr(saved, n):
+            flag = "--" + n.replace("_", "-")
+            raise BadInput(f"--resume {cfg.resume}: {flag} {getattr(cfg, n)!r} differs from the run's "
+                           f"{getattr(saved, n)!r}; a run keeps its task, task options, seed, base model and LoRA "
+                           "settings: start a new run with --out to change them")
     merged = TrainConfig(**{n: getattr(cfg if n in given else saved, n) for n in names})
     merged.out = cfg.resume
     return Resumed(cfg=merged, step=state["step"], dir=ck[-1], state=state)
 
 
-def check_resume(cfg, resumed):
-    """The checkpoint's kind (full or LoRA) and its adapter's settings must be the run's: they cannot change."""
+def base_model_of(resumed, model_dir):
+    """The fingerprint of the run's base model: the checkpoint's, or (a new run, an older checkpoint) model_dir's."""
+    return (resumed.state.get("base_model") if resumed else None) or (fingerprint(model_dir) if model_dir else None)
+
+
+def check_resume(cfg, resumed, model_dir):
+    """The checkpoint's kind (full or LoRA), its adapter's settings and the base model must be the run's."""
+    saved = resumed.state.get("base_model")  # None in checkpoints older than the fingerprint
+    if model_dir and saved and fingerprint(model_dir) != saved:
+        raise BadInput(f"--resume {cfg.resume}: --model {cfg.model} is not the run's base model (its config or "
+                       "weights differ from those the run started from); pass the run's own base model, wherever it "
+                       "lies now")
     is_lora = os.path.isfile(os.path.join(resumed.dir, lora.ADAPTER_CONFIG))
     if bool(cfg.lora_rank) != is_lora:
         raise BadInput(f"--resume {cfg.resume}: {resumed.dir} is {'a LoRA adapter' if is_lora else 'a full model'}; "
@@ -196,7 +264,7 @@ def check_resume(cfg, resumed):
                            "on resume")
 
 
-def save(step, *, cfg, model, opt, tok_files, rank, world, log):
+def save(step, *, cfg, model, opt, tok_files, base_model, rank, world, log):
     """Write step-N/ atomically (a temp dir renamed into place) and delete the checkpoints past --keep-last."""
     # step-N/ = a Hugging Face model dir (with LoRA: a PEFT adapter dir, and at the end also merged/, the merged Hugging
     # Face model) + the tokenizer + trainer_state.pt. A crash mid-write leaves only .step-N.tmp, which resume ignores;
@@ -217,7 +285,8 @@ def save(step, *, cfg, model, opt, tok_files, rank, world, log):
             with open(os.path.join(d, name), "wb") as f:
                 f.write(data)
         torch.save({"step": step, "optimizer": opt.state_dict(), "config": asdict(cfg), "world_size": world,
-                    "data_position": step * cfg.prompts_per_step, "rng": {"torch": torch.get_rng_state()}},
+                    "data_position": step * cfg.prompts_per_step, "rng": {"torch": torch.get_rng_state()},
+                    "base_model": base_model},  # fingerprint(): a resume checks --model against it
                    os.path.join(tmp, "trainer_state.pt"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -239,7 +308,7 @@ def interrupted(cfg, step, rank=0, started=True):
         msg = f"interrupted at step {step}; {ck[-1]} is complete. Resume with: python train.py --resume {cfg.out}"
     else:
         msg = (f"interrupted at step {step}, before the first checkpoint (step "
-               f"{min(cfg.save_every, cfg.steps)}); nothing to resume, start again")
+               f"{min(cfg.save_every, cfg.steps)}); nothing to resume, start again with a new --out")
     if not started or rank == 0:
         print(f"train.py: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(130)

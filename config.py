@@ -125,7 +125,9 @@ DESCRIPTION = ("GRPO fine-tuning, end to end: python train.py --task gsm8k [--mo
 
 def build_parser(defaults=True):
     """The CLI, generated from TrainConfig's fields. defaults=False: flags not given are absent from the result."""
-    p = argparse.ArgumentParser(prog="train.py", description=DESCRIPTION, formatter_class=HelpFormatter)
+    # allow_abbrev=False: a typo that is a prefix of a flag (--max-new-token) is an error, not silently that flag
+    p = argparse.ArgumentParser(prog="train.py", description=DESCRIPTION, formatter_class=HelpFormatter,
+                                allow_abbrev=False)
     for f in fields(TrainConfig):
         m, flag = f.metadata, "--" + f.name.replace("_", "-")
         default = f.default if defaults else argparse.SUPPRESS
@@ -140,10 +142,14 @@ def build_parser(defaults=True):
 def parse_args(argv=None):
     """Flags generated from TrainConfig; returns (cfg, the set of flags given explicitly)."""
     args = vars(build_parser().parse_args(argv))
-    # "given" = the flags on this command line, as argparse itself read them (abbreviations like --max-new
-    # included); on --resume they override the saved config, the rest do not
+    # "given" = the flags on this command line; on --resume they override the saved config, the rest do not
     given = set(vars(build_parser(defaults=False).parse_args(argv)))
     return TrainConfig(**args), given
+
+
+# What a run is: a resumed run refuses a change of these (the base model is judged by its fingerprint instead, as
+# --model may name a new path for the same weights). The rest may change on resume (README "Training").
+IDENTITY = ("task", "task_opts", "seed", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 
 
 def lora_targets(cfg):

@@ -36,8 +36,9 @@ import torch
 
 import judge
 import lora
-from checkpoint import (append_jsonl, check_out_dir, check_resume, interrupted, last_checkpoint, load_model,
-                        load_policy, read_jsonl, read_resume, resolve_judge, resolve_model, save, start_records)
+from checkpoint import (append_jsonl, base_model_of, check_new_run_dir, check_out_dir, check_resume, interrupted,
+                        last_checkpoint, load_model, load_policy, read_jsonl, read_resume, resolve_judge, resolve_model,
+                        save, start_records)
 from config import BadInput, TrainConfig, check_settings, parse_args, pick_device
 from evaluate import completion_texts, evaluate_and_record
 from grpo import group_advantages, grpo_loss, loss_normalizer, mismatch, tis_weights, token_logprobs
@@ -72,6 +73,7 @@ class Run:
     P: int  # prompts per rank per step
     start: int  # last completed step (0 for a new run)
     log: object  # print on rank 0, a no-op elsewhere
+    base_model: str  # checkpoint.fingerprint of --model (the run's initial weights), saved with every checkpoint
 
 
 def lr_at(step, cfg):
@@ -484,8 +486,8 @@ def run_eval(run, step):
 def save_checkpoint(run, step):
     """step-N/ in the run dir, atomically, keeping the last --keep-last (checkpoint.py)."""
     with fail_together(run.cfg, run.world, step):  # rank 0 writes; if that fails, every rank ends with its message
-        save(step, cfg=run.cfg, model=run.model, opt=run.opt, tok_files=run.tok_files, rank=run.rank,
-             world=run.world, log=run.log)
+        save(step, cfg=run.cfg, model=run.model, opt=run.opt, tok_files=run.tok_files, base_model=run.base_model,
+             rank=run.rank, world=run.world, log=run.log)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -508,6 +510,8 @@ def setup(cfg, given):
     cfg.out = cfg.out or os.path.join("runs", f"{cfg.task}-{'eval-' if cfg.eval_only else ''}{stamp}")
     if cfg.eval_only and any(os.path.exists(os.path.join(cfg.out, f)) for f in ("metrics.jsonl", "eval.jsonl")):
         raise BadInput(f"--out {cfg.out} already holds a run's metrics or evals; --eval-only writes to a new dir")
+    if not resumed and not cfg.eval_only:
+        check_new_run_dir(cfg.out)
     if rank == 0:
         check_out_dir(cfg.out)
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
@@ -516,11 +520,12 @@ def setup(cfg, given):
     # local model is found now, before any data loads; a hub id after, as it is a download.
     need_ref = cfg.beta != 0 and not cfg.eval_only and not cfg.lora_rank
     need_model = need_ref or not resumed or bool(cfg.lora_rank)
-    model_dir = resolve_model(cfg, resumed) if need_model and not is_hub_id(cfg.model) else None
+    check_model = need_model or "model" in given  # a resume given --model checks it is the run's base model
+    model_dir = resolve_model(cfg, resumed) if check_model and not is_hub_id(cfg.model) else None
     need_judge = bool(cfg.judge) and not cfg.eval_only  # evaluation scores by the task's metrics, never a judge
     judge_dir = resolve_judge(cfg) if need_judge and not is_hub_id(cfg.judge) else None
     if resumed:
-        check_resume(cfg, resumed)
+        check_resume(cfg, resumed, model_dir)
         log(f"resuming {cfg.out} from {resumed.dir} (step {resumed.step})")
     # ---- distributed: every rank has passed the same checks above, so none is left waiting here
     cfg.out = start_ranks(device, world, cfg.out)
@@ -530,7 +535,11 @@ def setup(cfg, given):
         train, test = TASKS[cfg.task].load(cfg.data_dir, cfg.cache_dir, **opts)
     except TaskError as e:
         raise BadInput(str(e)) from None
-    model_dir = resolve_model(cfg, resumed) if need_model and is_hub_id(cfg.model) else model_dir  # a download
+    if need_model and is_hub_id(cfg.model):  # a download
+        model_dir = resolve_model(cfg, resumed)
+        if resumed:
+            check_resume(cfg, resumed, model_dir)
+    base_model = base_model_of(resumed, model_dir)
     judge_dir = resolve_judge(cfg) if need_judge and is_hub_id(cfg.judge) else judge_dir
     jm = None
     if need_judge:  # before the policy: a judge whose tokenizer cannot say yes/no fails before anything big loads
@@ -568,7 +577,7 @@ def setup(cfg, given):
     return Run(cfg=cfg, task=TASKS[cfg.task], train=train, test=test, tok=tok, tok_files=tok_files, model=model,
                ref=ref, judge=jm, opt=opt, amp=amp, device=device, rank=rank, world=world,
                games=TASKS[cfg.task].game is not None and opts.get("mode") == "games", P=cfg.prompts_per_step // world,
-               start=resumed.step if resumed else 0, log=log)
+               start=resumed.step if resumed else 0, log=log, base_model=base_model)
 
 
 # ----------------------------------------------------------------------------- main: the loop

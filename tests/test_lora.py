@@ -214,10 +214,17 @@ def test_train_lora_one_model_checkpoints_merged_export_and_exact_resume(tiny_ck
     assert without_timing(metrics(out)[2:]) == without_timing(full[2:])
     got = load_file(str(out / "step-4" / "adapter_model.safetensors"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
-    with pytest.raises(SystemExit, match="is a LoRA adapter; resume it with --lora-rank"):
-        train.main(["--resume", str(out), "--lora-rank", "0"])
-    with pytest.raises(SystemExit, match="its adapter has r=4, alpha=8.0.*LoRA settings cannot change on resume"):
-        train.main(["--resume", str(out), "--lora-rank", "8"])
+    for flags in (["--lora-rank", "0"], ["--lora-rank", "8"], ["--lora-alpha", "16"]):  # given, and different
+        with pytest.raises(SystemExit, match="differs from the run's .*LoRA settings: start a new run"):
+            train.main(["--resume", str(out), *flags])
+    with open(out / "step-4" / "adapter_config.json") as f:  # an adapter on disk that disagrees with the run
+        a = json.load(f)
+    with open(out / "step-4" / "adapter_config.json", "w") as f:
+        json.dump({**a, "r": 8}, f)
+    with pytest.raises(SystemExit, match="its adapter has r=8, alpha=8.0.*LoRA settings cannot change on resume"):
+        train.main(["--resume", str(out)])
+    with open(out / "step-4" / "adapter_config.json", "w") as f:
+        json.dump(a, f)
     # an adapter checkpoint is a --model: merged into its base (from adapter_config.json) and evaluated
     train.main(["--eval-only", "--model", str(out / "step-2"), "--data-dir", str(d), "--out", str(tmp_path / "ev"),
                 "--eval-n", "3", "--max-new-tokens", "6"])

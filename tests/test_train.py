@@ -370,13 +370,63 @@ def test_checkpoint_without_tokenizer_is_never_resumed(tiny_ckpt, data_dir, tmp_
         train.main(["--resume", str(out)])
 
 
-def test_abbreviated_flag_overrides_the_saved_config_on_resume(tiny_ckpt, data_dir, tmp_path, toy_task):
+def test_a_flag_given_on_resume_overrides_the_saved_config_and_abbreviations_are_refused(tiny_ckpt, data_dir,
+                                                                                          tmp_path, toy_task, capsys):
     out = tmp_path / "run"
     train.main(["--task", "toy", "--steps", "1", *args(tiny_ckpt, data_dir, out)])
-    assert train.parse_args(["--max-new", "5", "--gro=3"])[1] == {"max_new_tokens", "group_size"}
-    train.main(["--resume", str(out), "--steps", "2", "--max-new", "5"])  # argparse expands it to --max-new-tokens
+    assert train.parse_args(["--max-new-tokens", "5", "--group-size=3"])[1] == {"max_new_tokens", "group_size"}
+    for typo in (["--max-new-token", "16"], ["--max-new", "5"], ["--gro=3"]):  # a prefix is not silently that flag
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(typo)
+        assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+    train.main(["--resume", str(out), "--steps", "2", "--max-new-tokens", "5"])
     state = torch.load(out / "step-2" / "trainer_state.pt", weights_only=False)
     assert state["config"]["max_new_tokens"] == 5 and metrics(out)[1]["len_max"] <= 5
+
+
+def test_a_new_run_never_writes_over_another(tiny_ckpt, data_dir, tmp_path, toy_task):
+    """--out naming a finished run once cut its metrics.jsonl and overwrote config.json, and a later --resume mixed
+    the stale step-N with the new config; now it is one line, and nothing in the dir changes."""
+    out = tmp_path / "run"
+    train.main(["--task", "toy", "--steps", "2", *args(tiny_ckpt, data_dir, out), "--save-every", "1"])
+    before = {f: open(out / f).read() for f in ("metrics.jsonl", "config.json", "eval.jsonl")}
+    with pytest.raises(SystemExit, match=f"--out {out} already holds a run; continue it with --resume {out}"):
+        train.main(["--task", "toy", "--steps", "1", *args(tiny_ckpt, data_dir, out)])
+    assert {f: open(out / f).read() for f in before} == before and sorted(os.listdir(out))[-2:] == ["step-1", "step-2"]
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "metrics.jsonl").write_text('{"step": 1}\n')  # a run stopped before its first checkpoint
+    with pytest.raises(SystemExit, match="holds a run with no checkpoint to resume; delete it or pass a new --out"):
+        train.main(["--task", "toy", "--steps", "1", *args(tiny_ckpt, data_dir, tmp_path / "early")])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--task", "gsm8k"], "--task 'gsm8k' differs from the run's 'toy'"),
+    (["--seed", "4"], "--seed 4 differs from the run's 3"),
+    (["--task-opts", "digits=3"], "--task-opts 'digits=3' differs from the run's ''"),
+])
+def test_resume_refuses_what_would_change_the_run(tiny_ckpt, data_dir, tmp_path, toy_task, monkeypatch, flags,
+                                                  message):
+    out = tmp_path / "run"
+    train.main(["--task", "toy", "--steps", "1", *args(tiny_ckpt, data_dir, out)])
+    before = open(out / "metrics.jsonl").read()
+    with monkeypatch.context() as mp, pytest.raises(SystemExit, match=message + ".*start a new run with --out"):
+        forbid_loading(mp)  # refused before anything loads, and before any file of the run is touched
+        train.main(["--resume", str(out), "--steps", "2", *flags])
+    assert open(out / "metrics.jsonl").read() == before
+
+
+def test_resume_judges_the_base_model_by_identity_not_path(tiny_ckpt, data_dir, tmp_path, toy_task):
+    from conftest import write_checkpoint
+    out, other = tmp_path / "run", write_checkpoint(str(tmp_path / "other"), seed=7)  # same shapes, other weights
+    train.main(["--task", "toy", "--steps", "1", *args(tiny_ckpt, data_dir, out)])
+    with pytest.raises(SystemExit, match="--model .*other is not the run's base model"):
+        train.main(["--resume", str(out), "--steps", "2", "--model", other])
+    shutil.copytree(tiny_ckpt, tmp_path / "copy")  # the same model elsewhere is the same model
+    train.main(["--resume", str(out), "--steps", "2", "--model", str(tmp_path / "copy")])
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    with pytest.raises(SystemExit, match=f"--model {out} is a run dir, not a model: pass one of its checkpoints, "
+                                         f"e.g. --model {out}/step-2"):
+        train.main(["--eval-only", "--model", str(out), "--data-dir", data_dir, "--out", str(tmp_path / "ev")])
 
 
 def test_bf16_autocast_on_cpu_is_exact_at_step_one_and_trains(tiny_ckpt, data_dir, tmp_path, toy_task, monkeypatch):
