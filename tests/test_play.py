@@ -103,7 +103,6 @@ def test_a_games_reward_follows_its_transcript(model_tok):
         for t in g.turns:
             replay.play(t["text"])
         assert replay.record() == g.record()
-        assert R.combine(W.GAME_REWARDS, text, game=g.record()) == R.combine(W.GAME_REWARDS, "", game=replay.record())
         assert R.combine(W.GAME_REWARDS, text, game=g.record())[0] == -1.0  # six invalid guesses
     # a scripted transcript: the turns' texts alone decide the reward
     g = W.Game("FLOOR")

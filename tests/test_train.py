@@ -105,28 +105,34 @@ def test_resume_equals_uninterrupted(tiny_ckpt, data_dir, tmp_path, toy_task):
     assert without_timing(resumed[2:]) == without_timing(full[2:])
 
 
-def test_micro_batch_changes_memory_not_the_update(tiny_ckpt, data_dir, tmp_path, toy_task):
-    params = []
-    for mb in ("1", "8"):
-        for loss_type in ("grpo", "token", "dr_grpo"):
+def grads_before_each_step(monkeypatch):
+    """Record the gradient of every parameter the optimizer holds, just before each AdamW step."""
+    seen, real = [], torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        seen.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"]])
+        return real(self, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return seen
+
+
+def test_micro_batch_changes_memory_not_the_gradient(tiny_ckpt, data_dir, tmp_path, toy_task, monkeypatch):
+    """The gradient before the optimizer step, not the weights after it: Adam's first step is about lr * sign(g),
+    blind to a gradient's scale, so it cannot see a normaliser computed per micro-batch (which makes micro-batch
+    1's gradient N times micro-batch N's). Rows here: 2 prompts x G 4 = 8."""
+    for loss_type in ("grpo", "token", "dr_grpo"):
+        grads, losses = {}, {}
+        for mb in ("1", "3", "8"):
+            seen = grads_before_each_step(monkeypatch)
             out = tmp_path / f"mb{mb}-{loss_type}"
             train.main(["--task", "toy", "--steps", "1", "--micro-batch", mb, "--loss-type", loss_type,
-                        *args(tiny_ckpt, data_dir, out)])
-            params.append((loss_type, Transformer.from_pretrained(str(out / "step-1")).state_dict()))
-    init = Transformer.from_pretrained(tiny_ckpt).state_dict()
-    # Adam's first step moves each weight by about lr * g / (|g| + 1e-8), which amplifies fp32 summation-order
-    # noise on gradients near 1e-8; so compare against the size of the step itself (lr = 1e-2): within 2% of it.
-    # Where |g| is below Adam's eps (a step under lr/2 in both runs) the step is that noise divided by 1e-8: micro-
-    # batch 1 forwards each row's prompt, micro-batch 8 each distinct prompt once (grpo.token_logprobs), so the
-    # summation order differs. Such weights are excluded, and must be rare (here 1 of 2048 in one matrix, whose
-    # |g| is about 5e-9; it moved by 0.34 lr with micro-batch 1, 0.27 lr with 8, and 0.33 lr before prompts were
-    # shared).
-    for (lt, a), (_, b) in zip(params[:3], params[3:]):
-        assert max((a[k] - init[k]).abs().max() for k in a) > 0.009, lt  # a real step was taken
-        for k in a:
-            tiny = ((a[k] - init[k]).abs() < 5e-3) & ((b[k] - init[k]).abs() < 5e-3)  # |g| < Adam's eps in both
-            assert tiny.float().mean() < 0.01, f"{lt} {k}"
-            torch.testing.assert_close(a[k][~tiny], b[k][~tiny], atol=2e-4, rtol=0, msg=f"{lt} {k}")
+                        *args(tiny_ckpt, data_dir, out), "--eval-n", "0"])
+            (grads[mb],), losses[mb] = seen, metrics(out)[0]["loss"]
+        assert max(g.abs().max() for g in grads["8"]) > 1e-3, loss_type  # a real gradient
+        for mb in ("1", "3"):
+            assert losses[mb] == pytest.approx(losses["8"], rel=1e-5, abs=1e-7), (loss_type, mb)
+            for a, b in zip(grads[mb], grads["8"]):  # fp32 sums in another order (and micro-batch 1 forwards each
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"{loss_type} mb {mb}")  # row's prompt)
 
 
 def test_beta_zero_loads_no_reference_model(tiny_ckpt, data_dir, tmp_path, monkeypatch):
@@ -695,6 +701,32 @@ def test_entropy_and_sampler_mismatch_are_logged_and_tis_changes_nothing_in_fp32
     assert m1["grad_norm"] == pytest.approx(m0["grad_norm"], rel=1e-5)
 
 
+def test_tis_weights_the_policy_gradient_only_and_by_the_right_ratio(tiny_ckpt, data_dir, tmp_path, toy_task,
+                                                                    monkeypatch):
+    """A sampler that claims every token twice as likely as the trainer finds it: w = pi_trainer / pi_sampler = 1/2.
+    With --mu 2 the second pass has ratios != 1 and a KL gradient != 0 (the policy moved, the reference did not),
+    and the first pass is the same in every run below (its KL gradient is 0 and Adam's first step is lr * sign(g),
+    blind to the factor 1/2). So pass 2's gradients decompose: C (beta 0) is the policy-gradient term, A - C (beta
+    0.04) the KL term, and TIS must give B = C / 2 + (A - C). An inverted ratio gives 2 C, weights on the KL term
+    (A - C) / 2."""
+    real = train.generate
+
+    def overconfident(*a, **k):
+        ro = real(*a, **k)
+        ro.logprobs = ro.logprobs + math.log(2.0) * ro.completion_mask
+        return ro
+    monkeypatch.setattr(train, "generate", overconfident)
+    second = {}
+    for name, flags in (("A", ["--beta", "0.04"]), ("B", ["--beta", "0.04", "--tis-cap", "2"]), ("C", ["--beta", "0"])):
+        seen = grads_before_each_step(monkeypatch)
+        one_step_weights(tiny_ckpt, data_dir, tmp_path / name, "--mu", "2", "--grad-clip", "0", *flags)
+        assert len(seen) == 2
+        second[name] = torch.cat([g.flatten() for g in seen[1]])
+    A, B, C = second["A"], second["B"], second["C"]
+    assert (A - C).abs().max() > 1e-2 * C.abs().max()  # a real KL gradient on pass 2
+    torch.testing.assert_close(B, C / 2 + (A - C), rtol=1e-3, atol=1e-3 * C.abs().max().item())
+
+
 def test_gspo_first_step_equals_grpo_and_mask_truncated_drops_cut_rows(tiny_ckpt, data_dir, tmp_path, toy_task,
                                                                        monkeypatch):
     """mu = 1: at the first pass every ratio is 1, where GSPO's gradient is the token-level one (grpo.py, note 9).
@@ -706,6 +738,16 @@ def test_gspo_first_step_equals_grpo_and_mask_truncated_drops_cut_rows(tiny_ckpt
     assert {c["ratio_level"] for c in calls} == {"token", "sequence"}  # the flag reaches the loss
     assert m1["loss"] == pytest.approx(m0["loss"], abs=1e-6)
     assert m1["grad_norm"] == pytest.approx(m0["grad_norm"], rel=1e-5)
+    # mu 2: the second pass has ratios != 1, where one ratio per sequence is not one per token
+    passes = {}
+    for level in ("token", "sequence"):
+        seen = grads_before_each_step(monkeypatch)
+        one_step_weights(tiny_ckpt, data_dir, tmp_path / f"mu2-{level}", "--mu", "2", "--grad-clip", "0",
+                         "--ratio-level", level, "--eps-low", "0.5")
+        passes[level] = [torch.cat([g.flatten() for g in p]) for p in seen]
+    (t1, t2), (s1, s2) = passes["token"], passes["sequence"]
+    torch.testing.assert_close(s1, t1, rtol=1e-4, atol=1e-7)
+    assert (s2 - t2).abs().max() > 1e-3 * t2.abs().max()
     cut, m = one_step_weights(tiny_ckpt, data_dir, tmp_path / "c", "--mask-truncated", "--max-new-tokens", "3",
                               "--beta", "0")
     assert m["truncated_frac"] == 1.0 and m["grad_norm"] == 0.0

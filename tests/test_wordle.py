@@ -42,7 +42,9 @@ def test_feedback_rendering_round_trips(guess, secret):
     fb = W.feedback(guess, secret)
     text = W.render(guess, fb)
     assert W.parse_render(text) == (guess, fb)
-    assert len(text.split()) == 5 and all(m in text for m in "✓-x" if m in [W.MARKS[c] for c in fb])
+    # the notation the prompt teaches (README, docs/wordle.md): C(✓) right place, C(-) elsewhere, C(x) absent
+    spelled = {"G": "✓", "Y": "-", "X": "x"}  # written out here, not read from W
+    assert text.split() == [f"{c}({spelled[f]})" for c, f in zip(guess, fb)]
 
 
 def test_render_hand_case_and_junk():
