@@ -12,10 +12,12 @@ import json
 import os
 import shutil
 import sys
+import time
 from dataclasses import asdict, dataclass, fields
 
 import torch
 
+import judge
 import lora
 from config import IDENTITY, BadInput, TrainConfig, lora_targets
 from model import Transformer, resolve_checkpoint
@@ -54,6 +56,19 @@ def holds_run(d):
         return "group_size" in json.load(open(os.path.join(d, "config.json")))
     except (OSError, ValueError, TypeError):
         return False
+
+
+def prepare_out(cfg, resumed, rank):
+    """The run dir (--out, or a new runs/TASK-TIMESTAMP), checked before anything loads; rank 0 creates it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = cfg.out or os.path.join("runs", f"{cfg.task}-{'eval-' if cfg.eval_only else ''}{stamp}")
+    if cfg.eval_only and any(os.path.exists(os.path.join(out, f)) for f in ("metrics.jsonl", "eval.jsonl")):
+        raise BadInput(f"--out {out} already holds a run's metrics or evals; --eval-only writes to a new dir")
+    if not resumed and not cfg.eval_only:
+        check_new_run_dir(out)
+    if rank == 0:
+        check_out_dir(out)
+    return out
 
 
 def check_new_run_dir(out):
@@ -141,6 +156,24 @@ def resolve_judge(cfg):
         return resolve_checkpoint(cfg.judge)
     except OSError as e:
         raise BadInput(f"--judge: {e}") from None
+
+
+def load_judge(cfg, judge_dir, device, dtype):
+    """The frozen judge of --judge (judge.py), or one line saying why it cannot be loaded."""
+    try:
+        return judge.Judge(judge_dir, rubric=cfg.judge_rubric, max_tokens=cfg.judge_max_tokens, device=device,
+                           dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"could not load the judge {cfg.judge!r}: {e}") from None
+
+
+def load_reference(cfg, model_dir, device):
+    """The frozen reference: --model's weights (the run's initial ones), in eval mode and without gradients."""
+    try:
+        return load_model(model_dir, device).requires_grad_(False).eval()
+    except (OSError, ValueError) as e:
+        raise BadInput(f"could not load the reference model {cfg.model!r} (the run's initial weights, --model): "
+                       f"{e}") from None
 
 
 def load_model(path, device):

@@ -54,6 +54,7 @@ Hack guards (what each closes / what it cannot):
   where the task has one, and read the samples.
 Legend: G completions in a group, S0 head time, T longest rest, C hidden, V vocab, K kv heads, D head dim.
 """
+import math
 import os
 import re
 
@@ -135,6 +136,20 @@ def judge(completion, judge=None, **_):
     if judge is None:
         raise ValueError("the judge reward needs the row's precomputed `judge` score")
     return judge
+
+
+def length_sums(scores, lengths):
+    """Sums of a step's judge scores x and completion lengths y that add over ranks, for length_correlation."""
+    x, y = torch.tensor(scores, dtype=torch.float64), torch.tensor(lengths, dtype=torch.float64)
+    return {"jx": x.sum().item(), "jy": y.sum().item(), "jxy": (x * y).sum().item(), "jxx": (x * x).sum().item(),
+            "jyy": (y * y).sum().item()}
+
+
+def length_correlation(sums, n):
+    """Pearson's r of score and length from n rows' length_sums; None without spread. Near 1: it pays for length."""
+    cov = n * sums["jxy"] - sums["jx"] * sums["jy"]
+    var = (n * sums["jxx"] - sums["jx"] ** 2) * (n * sums["jyy"] - sums["jy"] ** 2)
+    return max(-1.0, min(1.0, cov / math.sqrt(var))) if var > 0 else None
 
 
 class Judge:

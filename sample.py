@@ -8,6 +8,7 @@ Legend: P prompts, G group, N = P*G rows, n <= N rows still decoding, Tp prompt 
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -50,6 +51,14 @@ def cat_rollouts(ros, pad_id):
                    cat(lambda r: right(r.completion_ids, pad_id)), cat(lambda r: right(r.completion_mask, False)),
                    cat(lambda r: r.lengths), cat(lambda r: r.stopped), cat(lambda r: right(r.logprobs, 0.0)),  # (N, Tc)
                    ros[0].group_size)
+
+
+def stream_seed(*key):
+    """A 64-bit seed for one sampling stream, a different one for every key (ints in [0, 2**64))."""
+    # Each int becomes exactly two uint32 words and the key's length closes it, so no two keys give SeedSequence the
+    # same words (it reads 2**32 as [0, 1] and drops trailing zero words, which a plain list of ints would collide on).
+    words = [w for k in key for w in (int(k) & 0xFFFFFFFF, int(k) >> 32)] + [len(key)]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0])
 
 
 def uniforms(generator, N, device):

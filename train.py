@@ -36,8 +36,8 @@ import torch
 
 import judge
 import lora
-from checkpoint import (append_jsonl, base_model_of, check_new_run_dir, check_out_dir, check_resume, interrupted,
-                        last_checkpoint, load_model, load_policy, read_jsonl, read_resume, resolve_judge, resolve_model,
+from checkpoint import (append_jsonl, base_model_of, check_resume, interrupted, last_checkpoint, load_judge,
+                        load_policy, load_reference, prepare_out, read_jsonl, read_resume, resolve_judge, resolve_model,
                         save, start_records)
 from config import BadInput, TrainConfig, check_settings, parse_args, pick_device
 from evaluate import completion_texts, evaluate_and_record
@@ -47,7 +47,7 @@ from play import play
 from plot import plot
 from ranks import all_max, all_or, all_sum, fail_together, finish, oom_advice, start_ranks, sum_grads, world_and_rank
 from rewards import combine
-from sample import Rollout, cat_rollouts, generate, take_rows
+from sample import Rollout, cat_rollouts, generate, stream_seed, take_rows
 from tasks import TASKS, Task, TaskError, judge_view, prompt_text
 from tokenizer import Tokenizer
 
@@ -87,14 +87,6 @@ def lr_at(step, cfg):
 # ----------------------------------------------------------------------------- the stages of a step
 # Each stage is a function of the Run and what the earlier stages returned, so a forker can replace one (a
 # different reward mixing, another advantage estimator, a rollout engine) without touching the rest.
-
-def stream_seed(*key):
-    """A 64-bit seed for one sampling stream, a different one for every key (ints in [0, 2**64))."""
-    # Each int becomes exactly two uint32 words and the key's length closes it, so no two keys give SeedSequence the
-    # same words (it reads 2**32 as [0, 1] and drops trailing zero words, which a plain list of ints would collide on).
-    words = [w for k in key for w in (int(k) & 0xFFFFFFFF, int(k) >> 32)] + [len(key)]
-    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0])
-
 
 def data_indices(step, cfg, n):
     """(global dataset indices, global data positions) of a step's prompts: a fresh seeded permutation each epoch."""
@@ -414,10 +406,7 @@ def log_step(run, step, *, batch, adv, upd, times):
     sums = dict(upd.sums)
     mm_max = sums.pop("mm_max")
     row_metrics = dict(d.task_metrics) | ({} if d.judge_mass is None else {"judge_mass": d.judge_mass})
-    js = {}
-    if "judge" in d.per_fn:  # the score against length, as sums that add over ranks (a Pearson correlation below)
-        x, y = np.array(d.per_fn["judge"], dtype=np.float64), d.ro.lengths.double().cpu().numpy()
-        js = {"jx": x.sum(), "jy": y.sum(), "jxy": (x * y).sum(), "jxx": (x * x).sum(), "jyy": (y * y).sum()}
+    js = judge.length_sums(d.per_fn["judge"], d.ro.lengths.tolist()) if "judge" in d.per_fn else {}
     groups = len(d.texts) // cfg.group_size
     g = all_sum({
         "rows": len(d.texts), "reward": d.total.sum().item(), "reward_sq": (d.total ** 2).sum().item(),
@@ -455,10 +444,7 @@ def log_step(run, step, *, batch, adv, upd, times):
     }
     metrics.update(batch.ds or {})  # --dynamic-sampling: global counts of the step's rounds and groups
     if js:  # judge_s: the judge's share of step_s; judge_len_corr: does the judge pay for length? (judge.py)
-        cov = n * g["jxy"] - g["jx"] * g["jy"]
-        var = (n * g["jxx"] - g["jx"] ** 2) * (n * g["jyy"] - g["jy"] ** 2)
-        corr = max(-1.0, min(1.0, cov / math.sqrt(var))) if var > 0 else None  # None: no spread, no correlation
-        metrics.update(judge_s=g["judge_s"] / w, judge_len_corr=corr)
+        metrics.update(judge_s=g["judge_s"] / w, judge_len_corr=judge.length_correlation(g, n))
     if run.rank == 0:
         append_jsonl(os.path.join(cfg.out, "metrics.jsonl"), metrics)
     return metrics
@@ -506,14 +492,7 @@ def setup(cfg, given):
     # ---- every check before anything loads: a bad flag costs one line, not a model load
     opts = check_settings(cfg, world)
     device = pick_device(cfg, world)
-    stamp = time.strftime('%Y%m%d-%H%M%S')
-    cfg.out = cfg.out or os.path.join("runs", f"{cfg.task}-{'eval-' if cfg.eval_only else ''}{stamp}")
-    if cfg.eval_only and any(os.path.exists(os.path.join(cfg.out, f)) for f in ("metrics.jsonl", "eval.jsonl")):
-        raise BadInput(f"--out {cfg.out} already holds a run's metrics or evals; --eval-only writes to a new dir")
-    if not resumed and not cfg.eval_only:
-        check_new_run_dir(cfg.out)
-    if rank == 0:
-        check_out_dir(cfg.out)
+    cfg.out = prepare_out(cfg, resumed, rank)
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
     # The policy starts from the resumed checkpoint, the reference from --model (the initial weights, also on
     # resume); with LoRA the policy is --model plus adapters, and the reference is it with its adapters off. A
@@ -541,21 +520,11 @@ def setup(cfg, given):
             check_resume(cfg, resumed, model_dir)
     base_model = base_model_of(resumed, model_dir)
     judge_dir = resolve_judge(cfg) if need_judge and is_hub_id(cfg.judge) else judge_dir
-    jm = None
-    if need_judge:  # before the policy: a judge whose tokenizer cannot say yes/no fails before anything big loads
-        try:
-            jm = judge.Judge(judge_dir, rubric=cfg.judge_rubric, max_tokens=cfg.judge_max_tokens, device=device,
-                             dtype=torch.bfloat16 if bf16 else None)
-        except (OSError, ValueError) as e:
-            raise BadInput(f"could not load the judge {cfg.judge!r}: {e}") from None
+    # the judge first: one whose tokenizer cannot say yes/no fails before anything big loads; with bf16 it is bf16
+    jm = load_judge(cfg, judge_dir, device, torch.bfloat16 if bf16 else None) if need_judge else None
     tok, tok_files, model = load_policy(cfg, resumed, model_dir, device)
-    ref = None
-    if need_ref:  # the policy's fp32 weights, under the same autocast: KL exactly 0 at step 1 (dtype policy)
-        try:
-            ref = load_model(model_dir, device).requires_grad_(False).eval()
-        except (OSError, ValueError) as e:
-            raise BadInput(f"could not load the reference model {cfg.model!r} (the run's initial weights, --model): "
-                           f"{e}") from None
+    # the reference holds the policy's fp32 weights, under the same autocast: KL exactly 0 at step 1 (dtype policy)
+    ref = load_reference(cfg, model_dir, device) if need_ref else None
     model.gradient_checkpointing = cfg.grad_ckpt
     amp = partial(torch.autocast, device.type, dtype=torch.bfloat16) if bf16 else nullcontext
     opt = None

@@ -14,6 +14,7 @@ import torch
 import checkpoint
 import config
 import evaluate
+import sample
 import tokenizer
 import train
 from model import Transformer
@@ -333,9 +334,9 @@ def test_sampling_streams_never_collide_and_big_seeds_train(tiny_ckpt, data_dir,
     seeds = (0, 1, 2 ** 30, 2 ** 32, 3 * 2 ** 30, 2 ** 64 - 1)
     keys = [(0, q, 0, 0) for q in (0, 1, 2 ** 32, 2 ** 62)]
     keys += [(1, t, r, j) for t in (1, 2) for r in (1, 2) for j in (0, 1)]
-    streams = [train.stream_seed(s, *k) for s in seeds for k in keys]
+    streams = [sample.stream_seed(s, *k) for s in seeds for k in keys]
     assert len(set(streams)) == len(streams) and all(0 <= x < 2 ** 64 for x in streams)
-    assert len({train.stream_seed(s, *k, g) for s in seeds for k in keys for g in range(3)}) == len(streams) * 3
+    assert len({sample.stream_seed(s, *k, g) for s in seeds for k in keys for g in range(3)}) == len(streams) * 3
     train.main(["--task", "toy", "--steps", "1", *args(tiny_ckpt, data_dir, tmp_path / "big"), "--eval-n", "0",
                 "--seed", str(2 ** 32 + 5), "--dynamic-sampling"])
     assert metrics(tmp_path / "big")[0]["step"] == 1
