@@ -725,7 +725,9 @@ def test_tis_weights_the_policy_gradient_only_and_by_the_right_ratio(tiny_ckpt, 
         second[name] = torch.cat([g.flatten() for g in seen[1]])
     A, B, C = second["A"], second["B"], second["C"]
     assert (A - C).abs().max() > 1e-2 * C.abs().max()  # a real KL gradient on pass 2
-    torch.testing.assert_close(B, C / 2 + (A - C), rtol=1e-3, atol=1e-3 * C.abs().max().item())
+    # Loose enough for the few weights whose pass-1 gradient sits near Adam's eps (there the sign rule fails), two
+    # orders below what a wrong weighting moves: an inverted ratio is off by 1.5 |C|, weighted KL by |A - C| / 2
+    torch.testing.assert_close(B, C / 2 + (A - C), rtol=1e-2, atol=1e-2 * C.abs().max().item())
 
 
 def test_gspo_first_step_equals_grpo_and_mask_truncated_drops_cut_rows(tiny_ckpt, data_dir, tmp_path, toy_task,
