@@ -59,7 +59,8 @@ def test_worked_reasoning_is_right_line_by_line(nums, data):
     for line in text.split("\n"):  # every "=" in a line joins two expressions of the same value
         parts = line.split(" = ")
         assert len({eval(p) for p in parts}) == 1, line  # noqa: S307
-    assert eval(text.split("\n")[-1].split(" = ")[-1]) == T.arith_eval(nums, ops) == eval(T.arith_text(nums, ops))  # noqa: S307
+    last = text.split("\n")[-1].split(" = ")[-1]
+    assert eval(last) == T.arith_eval(nums, ops) == eval(T.arith_text(nums, ops))  # noqa: S307
 
 
 def test_arith_prompt_shows_two_worked_turns_from_the_train_side():

@@ -48,7 +48,8 @@ def test_feedback_rendering_round_trips(guess, secret):
 
 
 def test_render_hand_case_and_junk():
-    assert W.render("CRANE", W.feedback("CRANE", "BRICK")) == "C(-) R(✓) A(x) N(x) E(x)"  # the system prompt's example
+    # the system prompt's example
+    assert W.render("CRANE", W.feedback("CRANE", "BRICK")) == "C(-) R(✓) A(x) N(x) E(x)"
     for junk in ("C(-) R(✓)", "C(?) R(✓) A(x) N(x) E(x)", "CRANE", ""):
         with pytest.raises(ValueError):
             W.parse_render(junk)
