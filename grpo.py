@@ -128,6 +128,26 @@ def distinct_prompts(prompt_ids, prompt_mask):
     return first, inv
 
 
+def shared_slots(inv):
+    """(slots (N,), c): where each row sits among the U x c rows that `spread` expands to; c: most rows a prompt has."""
+    counts = torch.bincount(inv)  # (U,)
+    order = torch.sort(inv, stable=True)[1]  # (N,): rows grouped by prompt, each prompt's rows in row order
+    starts = counts.cumsum(0) - counts  # (U,)
+    nth = torch.empty_like(inv)
+    nth[order] = torch.arange(len(inv), device=inv.device) - starts[inv[order]]  # (N,) i-th row of its prompt
+    c = int(counts.max())
+    return inv * c + nth, c
+
+
+def spread(x, slots, c):
+    """x[inv] (N, ...) from the distinct prompts' x (U, ...); backward sums each prompt's rows in a fixed order."""
+    # x[inv] back-propagates by an accumulating scatter, which on CPU adds a prompt's row gradients in whatever
+    # order its threads reach them (the bits differ run to run). Expanding each prompt c times and picking every
+    # slot at most once makes backward a sum over c instead: a reduction, in the same order every time.
+    wide = x.unsqueeze(1).expand(x.shape[0], c, *x.shape[1:]).reshape(-1, *x.shape[1:])  # (U*c, ...)
+    return wide.index_select(0, slots)  # (N, ...)
+
+
 def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0, chunk=1024,
                    share_prompt=True, entropy=False):
     """Log-prob of each completion token under `model` at `temperature`: (N, T) fp32, 0 outside completion_mask;
@@ -154,9 +174,10 @@ def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_ma
         h = model.forward_hidden(ids, attn_mask=attn)[:, Tp - 1:-1]  # (N, T, C): position t-1 predicts token t
     else:
         hp, kv = model.forward_hidden(prompt_ids[first], attn_mask=prompt_mask[first], return_kv=True)  # (U, Tp, C)
-        h = hp[:, -1:][inv]  # (N, 1, C): the prompt's last position predicts completion token 0
+        slots, c = shared_slots(inv)
+        h = spread(hp[:, -1:], slots, c)  # (N, 1, C): the prompt's last position predicts completion token 0
         if T > 1:
-            past = [(k[inv], v[inv]) for k, v in kv]  # L x 2 x (N, K, Tp, D)
+            past = [(spread(k, slots, c), spread(v, slots, c)) for k, v in kv]  # L x 2 x (N, K, Tp, D)
             hc = model.forward_hidden(completion_ids[:, :-1], attn_mask=attn[:, :-1], past=past)  # (N, T-1, C)
             h = torch.cat([h, hc], 1)  # (N, T, C)
         h = h[:, :T]  # (N, T, C): T == 0 keeps no column

@@ -872,6 +872,41 @@ def test_distinct_prompts_finds_groups_in_any_order():
     assert len(grpo.distinct_prompts(torch.tensor([[1, 2, 3], [1, 2, 4]]), same_mask)[0]) == 2
 
 
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.integers(1, 6), min_size=1, max_size=6), seed=st.integers(0, 2 ** 16))
+def test_spread_is_x_of_inv_with_the_index_add_gradient(counts, seed):
+    g = torch.Generator().manual_seed(seed)
+    inv = torch.arange(len(counts)).repeat_interleave(torch.tensor(counts))
+    inv = inv[torch.randperm(len(inv), generator=g)]  # (N,) rows of a prompt anywhere
+    slots, c = grpo.shared_slots(inv)
+    assert c == max(counts) and len(set(slots.tolist())) == len(inv) and torch.equal(slots // c, inv)
+    for u in range(len(counts)):  # a prompt's rows take its first slots, in row order
+        assert slots[inv == u].tolist() == [u * c + k for k in range(counts[u])]
+    x = torch.randn(len(counts), 3, 2, generator=g, requires_grad=True)
+    w = torch.randn(len(inv), 3, 2, generator=g)
+    y = grpo.spread(x, slots, c)
+    assert torch.equal(y, x[inv])
+    (y * w).sum().backward()
+    torch.testing.assert_close(x.grad, torch.zeros_like(x).index_add_(0, inv, w), rtol=1e-6, atol=1e-6)
+
+
+def test_shared_prompt_gradients_are_the_same_bits_every_time():
+    """A rerun (or a resumed run) gets the same bits: each prompt's G row gradients are summed in a fixed order."""
+    # x[inv]'s accumulating scatter added them in thread order, and this test failed with it on 2 threads
+    model = random_model("qwen2").train()
+    comp_lens = [5, 3, 5, 1, 4, 5, 2, 5] * 4
+    *args, _ = grouped_rollout(model.config.vocab_size, [100, 90, 80, 100], 8, comp_lens, 5, seed=7)
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)  # as in a run (this module's fixture holds one): the threads are what reorder sums
+    try:
+        first = logprobs_and_grads(model, args, share_prompt=True)[1]
+        for _ in range(6):
+            again = logprobs_and_grads(model, args, share_prompt=True)[1]
+            assert all(torch.equal(again[k], first[k]) for k in first)
+    finally:
+        torch.set_num_threads(n)
+
+
 def logprobs_and_grads(model, args, share_prompt, temperature=0.8, chunk=5):
     """token_logprobs, and every parameter's gradient of a random weighting of it (so each token counts)."""
     model.zero_grad(set_to_none=True)
