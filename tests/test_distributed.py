@@ -2,9 +2,11 @@
 metrics included, and a 2-rank checkpoint resumes in 1 rank."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -65,23 +67,57 @@ def run(setup, out, nproc, *extra, env_extra=None, ok=True):
     launch = [sys.executable, str(d / "launch.py")] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
          str(d / "launch.py")]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    p = subprocess.Popen(launch + flags, cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1", **(env_extra or {})),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        log, _ = p.communicate(timeout=300)  # fitted to a loaded 2-core machine
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)  # leave no rank behind
-            p.wait()
+    rc, log = run_ranks(launch + flags, dict(env_extra or {}), out, retry=ok)
     if not ok:
-        return p.returncode, log
-    assert p.returncode == 0, log
+        return rc, log
+    assert rc == 0, log
     return log
+
+
+# What a rank prints when it aborts in torch's native teardown at exit, after the run has finished (checkpoint and
+# metrics written): rare, outside the project's code, and not what these tests measure, so such a run is run again;
+# an abort that comes twice, or any other failure, still fails the test
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def run_ranks(cmd, env_extra, out, retry=True):
+    """(return code, output) of a command (torchrun or one process) leaving no process behind; a run that ended in
+    the teardown abort above is run once more, from the run dir as it was."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    before = None
+    if retry and os.path.isdir(out):  # a resume: keep the dir as it was, to start the second try from
+        before = tempfile.mkdtemp()
+        shutil.copytree(out, before, dirs_exist_ok=True)
+    for attempt in (1, 2):
+        p = subprocess.Popen(cmd, cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1", **env_extra),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            log, _ = p.communicate(timeout=300)  # fitted to a loaded 2-core machine
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)  # leave no rank behind
+                p.wait()
+        if p.returncode == 0 or not retry or attempt == 2 or TEARDOWN_ABORT not in log:
+            break
+        print(f"teardown abort, run again: {cmd}", file=sys.stderr)
+        shutil.rmtree(out, ignore_errors=True)
+        if before:
+            shutil.copytree(before, out)
+    if before:
+        shutil.rmtree(before)
+    return p.returncode, log
 
 
 def metrics(out):
     return [json.loads(l) for l in open(out / "metrics.jsonl")]
+
+
+def assert_metric(k, got, want, where):
+    """A logged value of another rank count (or a resume) equals the 1-process one, to fp32 summation order."""
+    # mismatch_* measure the sampler's log-probs against the trainer's, a gap of fp32 rounding (~1e-6) when both
+    # run in fp32, which the trainer's other batch make-up on 2 ranks rounds differently: it moves by as much as
+    # it is (test_equivalence.MISMATCH_ATOL)
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-5 if k.startswith("mismatch_") else 1e-6), where
 
 
 def test_two_ranks_equal_one_process_and_resume_in_one_rank(setup, tmp_path):
@@ -105,19 +141,18 @@ def test_two_ranks_equal_one_process_and_resume_in_one_rank(setup, tmp_path):
     for m1, m2 in zip(one, two):
         assert m1.keys() == m2.keys()
         for k in m1:
-            assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6), k
+            assert_metric(k, m2[k], m1[k], k)
     ev1 = [json.loads(l) for l in open(tmp_path / "one" / "eval.jsonl")]
     ev2 = [json.loads(l) for l in open(tmp_path / "two" / "eval.jsonl")]
     assert ev1 == ev2 and ev2[0]["n"] == 5  # eval sharded across ranks and gathered
 
     # a checkpoint written by 2 ranks resumes in 1 rank and reproduces step 2
-    import shutil
     shutil.rmtree(tmp_path / "two" / "step-2")
     run(setup, tmp_path / "two", 1, "--resume", str(tmp_path / "two"))
     resumed = without_timing(metrics(tmp_path / "two"))
     assert [m["step"] for m in resumed] == [1, 2]
     for k in resumed[1]:
-        assert resumed[1][k] == pytest.approx(two[1][k], rel=1e-4, abs=1e-6), k
+        assert_metric(k, resumed[1][k], two[1][k], k)
 
 
 def test_indivisible_prompts_per_step_is_a_clear_error(setup, tmp_path):
@@ -153,7 +188,7 @@ def test_lora_two_ranks_equal_one_process(setup, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=2e-4, rtol=0, msg=k)  # lr 1e-2: 2% of Adam's first step
     for m1, m2 in zip(without_timing(metrics(tmp_path / "one")), without_timing(metrics(tmp_path / "two"))):
         for k in m1:
-            assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6), k
+            assert_metric(k, m2[k], m1[k], k)
 
 
 def two_ranks_step_by_step(setup, tmp_path, steps, flags, env_extra=None):
@@ -162,7 +197,6 @@ def two_ranks_step_by_step(setup, tmp_path, steps, flags, env_extra=None):
     after one step at lr 1e-2) can flip a sampled token in a later step, and every later number with it, which
     made a 3-step comparison fail now and then. The lr is constant, so a run stopped at step s equals the longer
     run's first s steps."""
-    import shutil
     flags = (*flags, "--min-lr-ratio", "1", "--save-every", "1", "--keep-last", str(steps))
     run(setup, tmp_path / "one", 1, *flags, "--steps", str(steps), env_extra=env_extra)
     one, two = without_timing(metrics(tmp_path / "one")), []
@@ -188,4 +222,4 @@ def test_dynamic_sampling_two_ranks_equal_one_process(setup, tmp_path):
     for m1, m2 in zip(one, two):
         assert m1.keys() == m2.keys()
         for k in m1:
-            assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6), (m1["step"], k)
+            assert_metric(k, m2[k], m1[k], (m1["step"], k))

@@ -18,8 +18,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import subprocess
 import sys
 from contextlib import contextmanager
 
@@ -32,6 +30,7 @@ from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import train
+from test_distributed import run_ranks
 from test_train import ANSWERS, QUESTIONS, chars_near_20, flat_for_some, without_timing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -244,16 +243,8 @@ def two_ranks(env, c):
     grads = out.with_suffix(".pt")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(env.dir / "launch.py"), *flags(c, env.data, env.ckpt, out, "--steps", "1")]
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    p = subprocess.Popen(cmd, cwd=ROOT, env=dict(base, OMP_NUM_THREADS="1", EQUIV_GRADS=str(grads)),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        log, _ = p.communicate(timeout=300)  # ~10 s alone; generous for a loaded 2-core machine
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)  # leave no rank behind
-            p.wait()
-    assert p.returncode == 0, log
+    rc, log = run_ranks(cmd, {"EQUIV_GRADS": str(grads)}, out)  # ~10 s alone
+    assert rc == 0, log
     assert "cpu x 2" in log, log  # really two ranks
     return torch.load(grads, weights_only=False), metrics(out), out
 

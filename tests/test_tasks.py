@@ -149,7 +149,7 @@ def test_gsm8k_download_is_checksummed(tmp_path, monkeypatch):
 
 def test_gsm8k_checksummed_file_is_used_without_network(tmp_path, monkeypatch):
     shared = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k", "test.jsonl")
-    if not os.path.isfile(shared):
+    if not os.path.isfile(shared) and not os.environ.get("CI"):  # CI lays ../shared beside the clone: never skip there
         pytest.skip("no ../shared/data/gsm8k beside the repository")
     os.makedirs(tmp_path / "gsm8k")
     with open(shared, "rb") as f, open(tmp_path / "gsm8k" / "test.jsonl", "wb") as g:
