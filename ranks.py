@@ -35,7 +35,7 @@ def start_ranks(device, world, out):
 def finish(world):
     """Leave the process group cleanly, so torchrun sees every rank exit 0."""
     if world > 1:
-        # together: a rank tearing down gloo while rank 0 still writes its plot was seen to abort at exit
+        # together: no rank tears down gloo while another still uses it (rank 0 writing its plot, say)
         dist.barrier()
         dist.destroy_process_group()
 

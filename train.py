@@ -1,7 +1,7 @@
 """GRPO fine-tuning, end to end: python train.py --task gsm8k [--model Qwen/Qwen2.5-0.5B-Instruct] [--out runs/NAME]
 
 This file is the algorithm: the run's state, one function per stage of a step, in step order, then set-up and
-main(), whose loop shows the stages in order and nothing else:
+train_loop() (main() calls it), whose loop shows the stages in order and nothing else:
   1. next_prompts   this rank's share of the step's prompts (a seeded permutation per epoch)
   2. rollout        G completions per prompt from the current policy (sample.py; whole games: play.py)
   3. score          each reward function (tasks.py -> rewards.py), the judge's with --judge (judge.py), and the

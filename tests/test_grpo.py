@@ -892,7 +892,7 @@ def test_spread_is_x_of_inv_with_the_index_add_gradient(counts, seed):
 
 def test_shared_prompt_gradients_are_the_same_bits_every_time():
     """A rerun (or a resumed run) gets the same bits: each prompt's G row gradients are summed in a fixed order."""
-    # x[inv]'s accumulating scatter added them in thread order, and this test failed with it on 2 threads
+    # x[inv]'s accumulating scatter would add them in whatever order 2 threads reach them
     model = random_model("qwen2").train()
     comp_lens = [5, 3, 5, 1, 4, 5, 2, 5] * 4
     *args, _ = grouped_rollout(model.config.vocab_size, [100, 90, 80, 100], 8, comp_lens, 5, seed=7)
