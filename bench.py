@@ -167,11 +167,9 @@ def run_ours(model, prompts, cfg, stop_ids, vocab_size, pad_id, seed):
 
 @torch.no_grad()
 def naive_generate(model, prompts, G, N, temperature, top_p, stop_ids, generator, vocab_size, pad_id):
-    """No KV cache: every step re-runs the whole left-padded (P*G, Tp+t) batch; returns per-row lengths, steps.
-
-    Same sampling (sample.sample_token) and stop rule as sample.generate. Only the last position goes
-    through lm_head, so what this baseline measures is the missing cache, not a wasted (rows, T, V) projection.
-    """
+    """No KV cache: every step re-runs the whole left-padded (P*G, Tp+t) batch; returns per-row lengths, steps."""
+    # Same sampling (sample.sample_token) and stop rule as sample.generate. Only the last position goes
+    # through lm_head, so what this baseline measures is the missing cache, not a wasted (rows, T, V) projection.
     dev = model.lm_head.weight.device
     ids, mask = left_pad([p for p in prompts for _ in range(G)], pad_id, dev)  # rows p*G .. p*G+G-1: prompt p
     rows = ids.shape[0]
@@ -200,12 +198,10 @@ def run_naive(model, prompts, cfg, stop_ids, vocab_size, pad_id, seed, N=None):
 
 
 def run_transformers(hf, prompts, cfg, stop_ids, vocab_size, pad_id, seed):
-    """transformers generate() on the P left-padded prompts with num_return_sequences=G; (tokens, steps).
-
-    num_return_sequences=G is what transformers (and TRL, which repeats each prompt G times) do: the P prompts
-    are expanded to P*G rows *before* prefill, so transformers prefills every row. Ours prefills each prompt once
-    and copies its cache; that saving is part of what is measured, and it is small next to N decode steps.
-    """
+    """transformers generate() on the P left-padded prompts with num_return_sequences=G; (tokens, steps)."""
+    # num_return_sequences=G is what transformers (and TRL, which repeats each prompt G times) do: the P prompts
+    # are expanded to P*G rows *before* prefill, so transformers prefills every row. Ours prefills each prompt once
+    # and copies its cache; that saving is part of what is measured, and it is small next to N decode steps.
     from transformers import GenerationConfig
     ids, mask = left_pad(prompts, pad_id, hf.device)
     N = cfg.max_new_tokens
@@ -221,11 +217,9 @@ def run_transformers(hf, prompts, cfg, stop_ids, vocab_size, pad_id, seed):
 
 
 def time_interleaved(runs, repeats, device):
-    """Warm up every run, then time them round-robin; {name: ([seconds of each timed call], [its results])}.
-
-    runs: {name: (fn(seed), warm_up(), repeats or None for `repeats`)}. Round-robin rather than one
-    implementation after the other, so that load from other processes on a shared machine hits all alike.
-    """
+    """Warm up every run, then time them round-robin; {name: ([seconds of each timed call], [its results])}."""
+    # runs: {name: (fn(seed), warm_up(), repeats or None for `repeats`)}. Round-robin rather than one
+    # implementation after the other, so that load from other processes on a shared machine hits all alike.
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
@@ -247,11 +241,9 @@ def time_interleaved(runs, repeats, device):
 
 
 def decode_roofline(model, prompts, cfg, bandwidth):
-    """Memory-bandwidth bound on decode tokens/s: rows / ((param bytes + KV bytes read per step) / bandwidth).
-
-    KV bytes: 2 (k, v) * L * rows * K * avg_context * D * bytes, avg_context = mean real prompt length + (N+1)/2,
-    i.e. what an ideal kernel must read (ours reads the padded length, so this bound is on the strict side).
-    """
+    """Memory-bandwidth bound on decode tokens/s: rows / ((param bytes + KV bytes read per step) / bandwidth)."""
+    # KV bytes: 2 (k, v) * L * rows * K * avg_context * D * bytes, avg_context = mean real prompt length + (N+1)/2,
+    # i.e. what an ideal kernel must read (ours reads the padded length, so this bound is on the strict side).
     c = model.config
     params = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}  # tied weights once
     rows = len(prompts) * cfg.group_size
@@ -334,11 +326,9 @@ def resolve_trl_python(trl_python=""):
 
 def time_trl_step(model_dir, P=2, G=8, N=64, beta=0.04, steps=3, threads=None, trl_python="", temperature=0.7,
                   lora_rank=0, lora_alpha=32.0):
-    """Median seconds per TRL GRPOTrainer optimizer step (P prompts x G completions, after a warm-up), or None.
-
-    Runs in a subprocess under the TRL interpreter (see resolve_trl_python), so TRL never enters this process.
-    None (with a one-line note) when no interpreter with trl is found; a failing TRL run raises RuntimeError.
-    """
+    """Median seconds per TRL GRPOTrainer optimizer step (P prompts x G completions, after a warm-up), or None."""
+    # Runs in a subprocess under the TRL interpreter (see resolve_trl_python), so TRL never enters this process.
+    # None (with a one-line note) when no interpreter with trl is found; a failing TRL run raises RuntimeError.
     python = resolve_trl_python(trl_python)
     if python is None:
         print(f"TRL: skipped (no {TRL_VENV_PYTHON} and this interpreter cannot import trl; see bench.py's docstring)")
@@ -357,9 +347,9 @@ def time_trl_step(model_dir, P=2, G=8, N=64, beta=0.04, steps=3, threads=None, t
 
 
 def _trl_step_inprocess(model_dir, P, G, N, beta, steps, threads, temperature, lora_rank=0, lora_alpha=32.0):
-    """The body of time_trl_step, run under the TRL interpreter: GRPOTrainer on CPU, fp32, no vLLM, no saving;
-    with lora_rank, a peft LoraConfig of that rank on lora.py's default targets (TRL then uses the policy with
-    its adapters disabled as the reference, as train.py does)."""
+    """The body of time_trl_step, run under the TRL interpreter: median seconds per GRPOTrainer step."""
+    # GRPOTrainer on CPU, fp32, no vLLM, no saving; with lora_rank, a peft LoraConfig of that rank on lora.py's
+    # default targets (TRL then uses the policy with its adapters disabled as the reference, as train.py does).
     import datasets
     import transformers
     import trl
@@ -520,8 +510,9 @@ def _lora_child(cfg_json, rank):
 
 
 def cmd_lora(cfg):
-    """Full fine-tuning against LoRA r=16 (train.py, each in its own process for its peak RSS), and the LoRA step
-    against TRL GRPOTrainer with a peft LoraConfig of the same rank and targets."""
+    """Full fine-tuning against LoRA r=16, and the LoRA step against TRL's; prints them, returns {rank: stats}."""
+    # Full fine-tuning and LoRA r=16 each run train.py in its own process, for its own peak RSS; TRL's LoRA step is
+    # GRPOTrainer with a peft LoraConfig of the same rank and targets.
     res = {}
     for rank in (0, 16):
         code = "import sys, bench; bench._lora_child(sys.argv[1], int(sys.argv[2]))"

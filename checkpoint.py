@@ -131,8 +131,9 @@ VOLATILE = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "ba
 
 
 def fingerprint(path):
-    """A model dir's identity, wherever it lies: its config and, per weight file, the header and the first and last
-    64 KiB of the tensors (cheap for any size, and changed by any real change of the weights' layout or values)."""
+    """A model dir's identity (a sha256 hex digest), wherever it lies, from its config and its weight files."""
+    # Hashes its config and, per weight file, the header and the first and last 64 KiB of the tensors (cheap for any
+    # size, and changed by any real change of the weights' layout or values).
     h = hashlib.sha256()
     for name in ("config.json", lora.ADAPTER_CONFIG):
         f = os.path.join(path, name)

@@ -66,12 +66,11 @@ RATIO_LEVELS = ("token", "sequence")
 # ----------------------------------------------------------------------------- 1. group advantages
 
 def group_advantages(rewards, G=None, scale="group", unbiased=True, eps=1e-4, batch_std=None):
-    """A_i = (r_i - mean(group)) / (std + eps); returns (advantages shaped like rewards, fraction of zero-std groups).
-
-    rewards: (P, G), or flat (P*G,) with G given. A group whose rewards are all equal gets exactly 0.
-    batch_std: with scale "batch", the std to divide by when the batch is larger than `rewards` (data-parallel
-    ranks each holding a part: the caller reduces it over all of them); None: the std of `rewards`.
-    """
+    """Group-relative advantages: (advantages shaped like rewards, fraction of zero-std groups)."""
+    # A_i = (r_i - mean(group)) / (std + eps)
+    # rewards: (P, G), or flat (P*G,) with G given. A group whose rewards are all equal gets exactly 0.
+    # batch_std: with scale "batch", the std to divide by when the batch is larger than `rewards` (data-parallel
+    # ranks each holding a part: the caller reduces it over all of them); None: the std of `rewards`.
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
     if eps < 0:
@@ -99,8 +98,8 @@ def group_advantages(rewards, G=None, scale="group", unbiased=True, eps=1e-4, ba
 # ----------------------------------------------------------------------------- 2. token log-probs
 
 def _chunk_logprobs(h, lm_head_w, target, temperature, entropy=False):
-    """log softmax(h W^T / T)[target] for one chunk of hidden states h (M, C) -> (M,) fp32, also under autocast;
-    with entropy, also the entropy (M,) of that softmax, without gradient."""
+    """log softmax(h W^T / T)[target] for one chunk of hidden states h (M, C) -> (M,) fp32, also under autocast."""
+    # With entropy, also the entropy (M,) of that softmax, without gradient.
     # fp32 matmul even under bf16 autocast: bf16 logits would carry up to ~0.1 nats of rounding (model.logits)
     with torch.autocast(h.device.type, enabled=False):
         z = (h.float() @ lm_head_w.float().t()) / temperature  # (M, V): the only V-sized tensor, one chunk at a time
@@ -115,11 +114,9 @@ def _chunk_logprobs(h, lm_head_w, target, temperature, entropy=False):
 
 
 def distinct_prompts(prompt_ids, prompt_mask):
-    """(first (U,), inverse (N,)): one row holding each distinct prompt, and which of them each row holds.
-
-    Rows are equal when their real tokens and padding are: the ids under the padding are ignored (junk there
-    changes nothing, the mask keeps it out of every real position). Any row order; ties go to the lowest row.
-    """
+    """(first (U,), inverse (N,)): one row holding each distinct prompt, and which of them each row holds."""
+    # Rows are equal when their real tokens and padding are: the ids under the padding are ignored (junk there
+    # changes nothing, the mask keeps it out of every real position). Any row order; ties go to the lowest row.
     N = prompt_ids.shape[0]
     key = prompt_ids.masked_fill(~prompt_mask.bool(), -1)  # (N, Tp): -1 marks padding, never a token id
     inv = torch.unique(key, dim=0, return_inverse=True)[1]  # (N,)
@@ -150,20 +147,19 @@ def spread(x, slots, c):
 
 def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0, chunk=1024,
                    share_prompt=True, entropy=False):
-    """Log-prob of each completion token under `model` at `temperature`: (N, T) fp32, 0 outside completion_mask;
-    with entropy, (log-probs, entropies) where entropies (N, T) are of the whole next-token distribution at each
-    completion position (no gradient), computed in the same chunks, so no (N, T, V) tensor exists.
-
-    Hidden states come from one forward over prompt + completion, or, when rows share prompts (GRPO's G rows of
-    a group) and share_prompt, from a forward of the U distinct prompts (keys/values returned) and then one of
-    the completions alone attending to them (note 12): each layer's prompt k, v are indexed out to the N rows
-    (differentiable, so the G rows' gradients sum into the one prompt forward), the prompt's last hidden state
-    predicts completion token 0, and completion positions 0..T-2 predict tokens 1..T-1, at the positions and
-    under the mask that the full forward gives them. Same values and gradients (up to float rounding).
-    lm_head and log_softmax run only at masked completion positions, `chunk` tokens at a time. Under autograd
-    each chunk is checkpointed, so backward recomputes its (chunk, V) logits instead of keeping all of them:
-    peak memory scales with chunk, not T*V.
-    """
+    """Log-prob of each completion token under `model` at `temperature`: (N, T) fp32, 0 outside completion_mask."""
+    # With entropy, returns (log-probs, entropies) where entropies (N, T) are of the whole next-token distribution
+    # at each completion position (no gradient), computed in the same chunks, so no (N, T, V) tensor exists.
+    # Hidden states come from one forward over prompt + completion, or, when rows share prompts (GRPO's G rows of
+    # a group) and share_prompt, from a forward of the U distinct prompts (keys/values returned) and then one of
+    # the completions alone attending to them (note 12): each layer's prompt k, v are spread out to the N rows
+    # (differentiable: `spread`, so the G rows' gradients sum into the one prompt forward in a fixed order), the
+    # prompt's last hidden state predicts completion token 0, and completion positions 0..T-2 predict tokens
+    # 1..T-1, at the positions and under the mask that the full forward gives them. Same values and gradients (up
+    # to float rounding).
+    # lm_head and log_softmax run only at masked completion positions, `chunk` tokens at a time. Under autograd
+    # each chunk is checkpointed, so backward recomputes its (chunk, V) logits instead of keeping all of them:
+    # peak memory scales with chunk, not T*V.
     N, Tp = prompt_ids.shape
     T = completion_ids.shape[1]
     # completion positions after a row's stop are attended by nobody before them (causal), so they can be "real"
@@ -205,12 +201,10 @@ def k3(logp, ref_logp):
 
 
 def loss_normalizer(loss_type, completion_mask, max_new_tokens=None, keep=None):
-    """The denominator of the loss for one whole optimizer batch; pass it to every micro-batch's grpo_loss.
-
-    grpo: number of sequences (each already averaged over its own tokens); token: number of completion
-    tokens; dr_grpo: number of sequences x max_new_tokens. keep (N,) bool: count only those rows (note 11);
-    pass the mask with the dropped rows zeroed, so that "token" counts their tokens out too.
-    """
+    """The denominator of the loss for one whole optimizer batch; pass it to every micro-batch's grpo_loss."""
+    # grpo: number of sequences (each already averaged over its own tokens); token: number of completion
+    # tokens; dr_grpo: number of sequences x max_new_tokens. keep (N,) bool: count only those rows (note 11);
+    # pass the mask with the dropped rows zeroed, so that "token" counts their tokens out too.
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     rows = completion_mask.shape[0] if keep is None else int(keep.sum())
@@ -232,9 +226,9 @@ def tis_weights(old_logp, sampler_logp, mask, cap):
 
 
 def mismatch(old_logp, sampler_logp, mask, low=0.8, high=1.25):
-    """How far the sampler's token log-probs are from the trainer's, as sums over the masked tokens (so they add
-    over micro-batches and ranks): {abs: sum |delta|, max: max |delta|, out: tokens whose ratio pi_old / pi_sampler
-    is outside [low, high], tokens}."""
+    """How far the sampler's token log-probs are from the trainer's: {abs, max, out, tokens} over the masked tokens."""
+    # Sums over the masked tokens, so they add over micro-batches and ranks: abs: sum |delta|, max: max |delta|,
+    # out: tokens whose ratio pi_old / pi_sampler is outside [low, high], tokens: the number of masked tokens.
     with torch.no_grad():
         m = mask.bool()
         d = (old_logp - sampler_logp).float()[m]  # (M,)
@@ -245,13 +239,11 @@ def mismatch(old_logp, sampler_logp, mask, low=0.8, high=1.25):
 
 def grpo_loss(logp, old_logp, advantages, mask, normalizer, loss_type="grpo", ref_logp=None,
               beta=0.04, eps_low=0.2, eps_high=None, ratio_level="token", is_weight=None):
-    """The clipped surrogate with k3 penalty, summed over this micro-batch and divided by `normalizer`.
-
-    logp, old_logp, ref_logp: (N, T) token log-probs (logp carries the gradient); advantages (N,); mask (N, T).
-    ratio_level: "token" (the paper) or "sequence" (GSPO, note 9); is_weight: (N, T) TIS weights (note 10).
-    Returns (loss, stats) with stats the masked means of k3 KL, the ratio, and the fractions of tokens
-    clipped at the low side (A < 0, ratio < 1-eps_low) and the high side (A > 0, ratio > 1+eps_high).
-    """
+    """The clipped surrogate with k3 penalty, summed over this micro-batch and divided by `normalizer`."""
+    # logp, old_logp, ref_logp: (N, T) token log-probs (logp carries the gradient); advantages (N,); mask (N, T).
+    # ratio_level: "token" (the paper) or "sequence" (GSPO, note 9); is_weight: (N, T) TIS weights (note 10).
+    # Returns (loss, stats) with stats the masked means of k3 KL, the ratio, and the fractions of tokens
+    # clipped at the low side (A < 0, ratio < 1-eps_low) and the high side (A > 0, ratio > 1+eps_high).
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if ratio_level not in RATIO_LEVELS:

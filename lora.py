@@ -76,12 +76,10 @@ def check_settings(r, alpha, dropout, targets):
 
 
 def add_lora(model, r, alpha, dropout=0.0, targets=TARGETS, seed=0, names=None):
-    """Replace each target nn.Linear of model (in place) by a LoRALinear and freeze everything else; returns model.
-
-    targets: Hugging Face module names (q_proj, ..., down_proj); every layer's modules of those names are adapted,
-    or with names (full module names, e.g. from a PEFT file) exactly those. seed: the A matrices are drawn from
-    their own generator, so every rank of a torchrun starts with the same adapters, whatever its global RNG.
-    """
+    """Replace each target nn.Linear of model (in place) by a LoRALinear, freeze everything else; returns model."""
+    # targets: Hugging Face module names (q_proj, ..., down_proj); every layer's modules of those names are adapted,
+    # or with names (full module names, e.g. from a PEFT file) exactly those. seed: the A matrices are drawn from
+    # their own generator, so every rank of a torchrun starts with the same adapters, whatever its global RNG.
     targets = tuple(targets)
     check_settings(r, alpha, dropout, targets)
     if lora_layers(model):
@@ -119,10 +117,8 @@ def adapters_off(model):
 
 @torch.no_grad()
 def merge(model):
-    """Fold every adapter into its base weight, in place, and turn each LoRALinear back into a plain nn.Linear.
-
-    Done once: afterwards the model has no adapters left to fold (for export: a plain Hugging Face model).
-    """
+    """Fold every adapter into its base weight, in place, and turn each LoRALinear back into a plain nn.Linear."""
+    # Done once: afterwards the model has no adapters left to fold (for export: a plain Hugging Face model).
     for name, m in lora_layers(model):
         plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         plain.weight = nn.Parameter(m.merged_weight(always=True), requires_grad=False)  # (O, I), also if off
@@ -180,11 +176,9 @@ def read_adapter_config(adapter_dir):
 
 
 def load_adapter(model, adapter_dir):
-    """Add the adapters of a PEFT LoRA dir (ours or PEFT's) to model, in place; ValueError on any mismatch.
-
-    The layers adapted are those the file holds tensors for, so PEFT's "all-linear", regex or full-name
-    target_modules load too (as long as every adapted layer is one of TARGETS).
-    """
+    """Add the adapters of a PEFT LoRA dir (ours or PEFT's) to model, in place; ValueError on any mismatch."""
+    # The layers adapted are those the file holds tensors for, so PEFT's "all-linear", regex or full-name
+    # target_modules load too (as long as every adapted layer is one of TARGETS).
     from safetensors import safe_open
     c = read_adapter_config(adapter_dir)
     path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)

@@ -101,14 +101,12 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, passed in explicitly by the caller (sample.py).
-
-    Rows are left-padded, so every row writes its next token at the same index `pos`. `valid` marks which
-    indices hold a real token, which is what the attention mask is built from. `rows` selects the rows a
-    forward writes: sample.py prefills P prompts into rows 0, G, 2G, ... and then `fan_out(G)` copies them.
-    One tensor per layer, written with index_copy_: under torch.compile a slice assignment into one big
-    (L, B, K, S, D) tensor becomes a copy of the whole cache per layer.
-    """
+    """Preallocated keys and values of every layer, passed in explicitly by the caller (sample.py)."""
+    # Rows are left-padded, so every row writes its next token at the same index `pos`. `valid` marks which
+    # indices hold a real token, which is what the attention mask is built from. `rows` selects the rows a
+    # forward writes: sample.py prefills P prompts into rows 0, G, 2G, ... and then `fan_out(G)` copies them.
+    # One tensor per layer, written with index_copy_: under torch.compile a slice assignment into one big
+    # (L, B, K, S, D) tensor becomes a copy of the whole cache per layer.
     def __init__(self, cfg, batch, max_len, device=None, dtype=torch.float32):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)  # (B, K, S, D)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
@@ -229,11 +227,9 @@ class Decoder(nn.Module):
 
 
 def build_mask(valid, pos, T):
-    """(B, 1, T, S) bool: query i (at index pos+i) sees key j iff j <= pos+i and key j is a real token.
-
-    Explicit because SDPA's is_causal is top-left aligned, wrong when T != S. A padding query sees its own
-    key too, so no row is all-False (which would make SDPA return NaN); its output is never used.
-    """
+    """(B, 1, T, S) bool: query i (at index pos+i) sees key j iff j <= pos+i and key j is a real token."""
+    # Explicit because SDPA's is_causal is top-left aligned, wrong when T != S. A padding query sees its own
+    # key too, so no row is all-False (which would make SDPA return NaN); its output is never used.
     S = pos + T
     j = torch.arange(S, device=valid.device)
     qi = pos + torch.arange(T, device=valid.device)[:, None]  # (T, 1)
@@ -254,16 +250,14 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False  # training flag: recompute each block in backward to save memory
 
     def forward_hidden(self, input_ids, positions=None, attn_mask=None, cache=None, past=None, return_kv=False):
-        """Final-normed hidden states (B, T, C); `forward` applies lm_head. grpo.py chunks lm_head itself.
-
-        positions (B, T): per-row RoPE positions; default from attn_mask (left padding) or 0..T-1.
-        attn_mask (B, T) bool: which input tokens are real; (B, S0+T) with `past`, covering its S0 keys first.
-        cache: a KVCache this call appends to (sample.py), in place.
-        past: a list of one (k, v) per layer, each (B, K, S0, D) and already RoPE-rotated, of S0 earlier
-        positions this call's queries attend to before their own tokens; a plain input, never written, so
-        autograd flows into whatever produced it (grpo.py shares one prompt forward among its G rows this way).
-        return_kv: return (h, kv), kv a list of this call's (k, v) per layer, each (B, K, T, D): a later `past`.
-        """
+        """Final-normed hidden states (B, T, C); `forward` applies lm_head. grpo.py chunks lm_head itself."""
+        # positions (B, T): per-row RoPE positions; default from attn_mask (left padding) or 0..T-1.
+        # attn_mask (B, T) bool: which input tokens are real; (B, S0+T) with `past`, covering its S0 keys first.
+        # cache: a KVCache this call appends to (sample.py), in place.
+        # past: a list of one (k, v) per layer, each (B, K, S0, D) and already RoPE-rotated, of S0 earlier
+        # positions this call's queries attend to before their own tokens; a plain input, never written, so
+        # autograd flows into whatever produced it (grpo.py shares one prompt forward among its G rows this way).
+        # return_kv: return (h, kv), kv a list of this call's (k, v) per layer, each (B, K, T, D): a later `past`.
         B, T = input_ids.shape
         S0 = 0 if past is None else past[0][0].shape[2]
         if past is not None:
@@ -311,12 +305,11 @@ class Transformer(nn.Module):
         return self.logits(self.forward_hidden(input_ids, positions, attn_mask, cache))
 
     def logits(self, h):
-        """lm_head of hidden states (..., C) -> (..., V); fp32 under autocast (train.py's dtype policy).
-
-        Under bf16 autocast lm_head would round the logits to bf16, whose step is 0.125 for logits in [16, 32):
-        log-probs off by up to ~0.1 nats, ratio noise as large as the clip range. With fp32 weights (autocast's
-        master weights) this costs only the matmul in fp32, and a (rows, V) fp32 output that .float() made anyway.
-        """
+        """lm_head of hidden states (..., C) -> (..., V); fp32 under autocast (train.py's dtype policy)."""
+        # Under bf16 autocast lm_head would round the logits to bf16, whose step is 0.125 for logits in [16, 32):
+        # log-probs off by up to ~0.1 nats, ratio noise as large as the clip range. With fp32 weights (autocast's
+        # master weights) this costs only the matmul in fp32, and a (rows, V) fp32 output that .float() made
+        # anyway.
         if torch.is_autocast_enabled(h.device.type):
             with torch.autocast(h.device.type, enabled=False):
                 return F.linear(h.float(), self.lm_head.weight.float())  # (..., V) fp32
@@ -414,10 +407,8 @@ def resolve_checkpoint(path_or_repo_id):
 
 
 def load_safetensors(path, expected, tied, device, dtype):
-    """Read model.safetensors or the shards of model.safetensors.index.json, checking names and shapes.
-
-    Tensors are read one by one straight to `device` and cast, so the weights exist once (plus one tensor).
-    """
+    """Read model.safetensors or the shards of model.safetensors.index.json, checking names and shapes."""
+    # Tensors are read one by one straight to `device` and cast, so the weights exist once (plus one tensor).
     from safetensors import safe_open
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")

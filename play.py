@@ -40,12 +40,10 @@ def reply_ids(tok, text, last_id):
 @torch.no_grad()
 def play(model, tok, games, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, generators=None, group_size=1,
          amp=None, compile=False, pad_id=None):
-    """Play every game to its end; returns (Rollout of N rows, the N trajectories as text).
-
-    generators: None (greedy), or one torch.Generator per game: a game's draws then do not depend on the others.
-    group_size: G, recorded in the Rollout (games g*G .. g*G+G-1 share an opening). amp: a context manager
-    (train.py's autocast) entered around each turn's generate call.
-    """
+    """Play every game to its end; returns (Rollout of N rows, the N trajectories as text)."""
+    # generators: None (greedy), or one torch.Generator per game: a game's draws then do not depend on the others.
+    # group_size: G, recorded in the Rollout (games g*G .. g*G+G-1 share an opening). amp: a context manager
+    # (train.py's autocast) entered around each turn's generate call.
     if generators is not None and len(generators) != len(games):
         raise ValueError(f"got {len(generators)} generators for {len(games)} games")
     pad_id = tok.pad_id if pad_id is None else pad_id

@@ -128,11 +128,9 @@ def _fmt(v):
 
 
 def parse_number(text):
-    """Exact value of the one number in text ('$1,234 dollars' -> 1234); None if none or several different.
-
-    A number-shaped token without a value ("7/0", "--5", too many digits) counts as a different candidate, so
-    "42 7/0" is ambiguous (None), not 42: skipping it would let a hedge through.
-    """
+    """Exact value of the one number in text ('$1,234 dollars' -> 1234); None if none or several different."""
+    # A number-shaped token without a value ("7/0", "--5", too many digits) counts as a different candidate, so
+    # "42 7/0" is ambiguous (None), not 42: skipping it would let a hedge through.
     val = None
     for tok in dict.fromkeys(_NUM.findall(_str(text))):  # dedupe in C: "1,"*500000 converts once
         v = _to_fraction(tok)
@@ -205,8 +203,8 @@ def _norm(text):
 
 
 def well_formed(completion, prompt="", layout="reasoning", **_):
-    """True iff one answer block with one number, and one reasoning block of >= 3 words with a calculation, not
-    copied from the prompt."""
+    """True iff one answer block with one number, and one reasoning block of >= 3 words with a calculation."""
+    # The reasoning block must also not be copied from the prompt.
     # The gate of every format reward, so that a copy of a template with placeholders
     # ("<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>") earns none of them. Cheapest checks first.
     a = answer_block(completion)

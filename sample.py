@@ -37,10 +37,9 @@ def take_rows(ro, rows):
 
 
 def cat_rollouts(ros, pad_id):
-    """One Rollout holding the rows of several in order: prompts left-padded, completions right-padded to the longest.
-
-    The padding is outside every mask, so log-probs and losses of a row do not change (its positions come from its
-    mask: model.forward_hidden)."""
+    """One Rollout holding the rows of several in order: prompts left-padded, completions right-padded."""
+    # Each padded to the longest. The padding is outside every mask, so log-probs and losses of a row do not change
+    # (its positions come from its mask: model.forward_hidden).
     if len(ros) == 1:
         return ros[0]
     Tp, Tc = max(r.prompt_ids.shape[1] for r in ros), max(r.completion_ids.shape[1] for r in ros)
@@ -62,8 +61,9 @@ def stream_seed(*key):
 
 
 def uniforms(generator, N, device):
-    """(N, 1) fp64 uniforms in [0, 1) for sample_token. generator: None, one torch.Generator, or a list of them,
-    one per prompt, each drawing for its N / len(list) rows, so that a prompt's draws do not depend on the others."""
+    """(N, 1) fp64 uniforms in [0, 1) for sample_token."""
+    # generator: None, one torch.Generator, or a list of them, one per prompt, each drawing for its N / len(list)
+    # rows, so that a prompt's draws do not depend on the others.
     if isinstance(generator, (list, tuple)):
         return torch.cat([torch.rand(N // len(generator), 1, generator=g, device=device, dtype=torch.float64)
                           for g in generator])  # (N, 1)
@@ -71,17 +71,15 @@ def uniforms(generator, N, device):
 
 
 def sample_token(logits, temperature, top_k=0, top_p=1.0, u=None, vocab_size=None, cdf=None):
-    """Draw one id per row of logits (N, V): ids (N,) and their log-probs (N,) under softmax(logits / T).
-
-    Greedy at temperature 0 (log-prob reported at T=1). Otherwise the id is drawn by inverse CDF at the row's
-    uniform u (N, 1) (see `uniforms`) from softmax(logits / T) cut to ids < vocab_size, then top-k, then top-p;
-    the log-prob is the full softmax's, as grpo.token_logprobs computes it: no renormalisation by the cuts.
-    The pi/pi_old ratio in the loss compares the trainer's full-softmax policy with itself, so the sampler
-    reports that same quantity.
-    Overwrites `logits` (it becomes exp(logits/T - max)) and writes the CDF into `cdf`, an optional (N, V) fp64
-    buffer: a decode step then makes no V-sized temporaries, whose page faults on CPU (glibc hands big blocks
-    back to the OS on free) cost more than the arithmetic.
-    """
+    """Draw one id per row of logits (N, V): ids (N,) and their log-probs (N,) under softmax(logits / T)."""
+    # Greedy at temperature 0 (log-prob reported at T=1). Otherwise the id is drawn by inverse CDF at the row's
+    # uniform u (N, 1) (see `uniforms`) from softmax(logits / T) cut to ids < vocab_size, then top-k, then top-p;
+    # the log-prob is the full softmax's, as grpo.token_logprobs computes it: no renormalisation by the cuts.
+    # The pi/pi_old ratio in the loss compares the trainer's full-softmax policy with itself, so the sampler
+    # reports that same quantity.
+    # Overwrites `logits` (it becomes exp(logits/T - max)) and writes the CDF into `cdf`, an optional (N, V) fp64
+    # buffer: a decode step then makes no V-sized temporaries, whose page faults on CPU (glibc hands big blocks
+    # back to the OS on free) cost more than the arithmetic.
     V = logits.shape[-1]
     vocab_size = min(vocab_size or V, V)
     greedy = temperature == 0
@@ -121,16 +119,14 @@ def sample_token(logits, temperature, top_k=0, top_p=1.0, u=None, vocab_size=Non
 
 @contextmanager
 def packed_linears(model, rows, enable=True):
-    """While open, every fp32 nn.Linear of a CPU model multiplies by a oneDNN-packed copy of its weight.
-
-    PyTorch's fp32 CPU matmul is MKL's sgemm, slower than oneDNN's packed weights on the skinny (rows, C) inputs of
-    a decode step. Same fp32 products in another summation order. The packed copies cost one more copy of the
-    weights while open and a reorder per call, so they always reflect the current weights. Nothing happens on other
-    devices, other dtypes, under autocast, or with enable=False (generate's compile=True: inductor lowers
-    oneDNN-packed weights only as frozen constants).
-    A LoRA layer (lora.py) is packed with its merged weight W + (alpha / r) B A, so it keeps the packed speed and
-    computes what its forward computes in eval mode, up to rounding (tests/test_lora.py).
-    """
+    """While open, every fp32 nn.Linear of a CPU model multiplies by a oneDNN-packed copy of its weight."""
+    # PyTorch's fp32 CPU matmul is MKL's sgemm, slower than oneDNN's packed weights on the skinny (rows, C) inputs
+    # of a decode step. Same fp32 products in another summation order. The packed copies cost one more copy of the
+    # weights while open and a reorder per call, so they always reflect the current weights. Nothing happens on
+    # other devices, other dtypes, under autocast, or with enable=False (generate's compile=True: inductor lowers
+    # oneDNN-packed weights only as frozen constants).
+    # A LoRA layer (lora.py) is packed with its merged weight W + (alpha / r) B A, so it keeps the packed speed and
+    # computes what its forward computes in eval mode, up to rounding (tests/test_lora.py).
     dev, patched = model.lm_head.weight.device, []
     if enable and dev.type == "cpu" and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu"):
         for name, mod in model.named_modules():
@@ -154,16 +150,14 @@ def decode_step(model, tok, positions, cache):
 @torch.no_grad()  # not inference_mode: the rollout's tensors are inputs to the training graph later
 def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_ids=(),
              generator=None, vocab_size=None, pad_id=0, compile=False, sync_every=None):
-    """Sample G completions for each of the P prompts (lists of token ids); returns a Rollout of P*G rows.
-
-    vocab_size: ids >= it are never sampled (Qwen pads its embedding past the tokenizer's vocabulary).
-    generator: a torch.Generator on the model's device, an int seed, or a list of P generators, one per prompt,
-    so that a prompt's completions do not depend on which other prompts share the batch (train.py uses this
-    to make sampling identical for any number of ranks, and across a resume).
-    sync_every: every this many steps (default 1 on CPU, 8 on GPU), check on the host which rows have finished:
-    stop if all have, else drop the finished ones from the batch.
-    On CPU the model's linears run on oneDNN-packed copies of the weights while this runs (`packed_linears`).
-    """
+    """Sample G completions for each of the P prompts (lists of token ids); returns a Rollout of P*G rows."""
+    # vocab_size: ids >= it are never sampled (Qwen pads its embedding past the tokenizer's vocabulary).
+    # generator: a torch.Generator on the model's device, an int seed, or a list of P generators, one per prompt,
+    # so that a prompt's completions do not depend on which other prompts share the batch (train.py uses this
+    # to make sampling identical for any number of ranks, and across a resume).
+    # sync_every: every this many steps (default 1 on CPU, 8 on GPU), check on the host which rows have finished:
+    # stop if all have, else drop the finished ones from the batch.
+    # On CPU the model's linears run on oneDNN-packed copies of the weights while this runs (`packed_linears`).
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt at least one token")
     if G < 1 or max_new_tokens < 1 or temperature < 0:

@@ -62,11 +62,9 @@ def prompt_text(messages):
 
 
 def judge_view(task, ex):
-    """(question, reference answer or None): what a judge (judge.py) is shown of an example besides the completion.
-
-    The example's own question and gold answer where it has them (gsm8k, arith); otherwise its prompt's last user
-    message (wordle: the game so far), with no reference, so a judge never sees a secret that the policy cannot.
-    """
+    """(question, reference answer or None): what a judge (judge.py) is shown of an example besides the completion."""
+    # The example's own question and gold answer where it has them (gsm8k, arith); otherwise its prompt's last user
+    # message (wordle: the game so far), with no reference, so a judge never sees a secret that the policy cannot.
     if "question" in ex:
         return ex["question"], None if ex.get("gold") is None else str(ex["gold"])
     return next(m["content"] for m in reversed(task.prompt(ex)) if m["role"] == "user"), None
@@ -255,11 +253,9 @@ def arith_problems(side, n, digits, ops, terms, seed, test_percent=20):
 
 
 def arith_load(data_dir, cache_dir, digits, ops, terms, train_size, test_size, seed):
-    """Disjoint train/test lists of generated problems (data_dir and cache_dir are unused: nothing to read).
-
-    train_size and test_size are caps: a small setting has fewer problems (2-digit addition: 8,100 in all,
-    about 6,500 on the train side), and train.py's start-up line says how many were drawn.
-    """
+    """Disjoint train/test lists of generated problems (data_dir and cache_dir are unused: nothing to read)."""
+    # train_size and test_size are caps: a small setting has fewer problems (2-digit addition: 8,100 in all,
+    # about 6,500 on the train side), and train.py's start-up line says how many were drawn.
     if not 1 <= digits <= 9:
         raise TaskError(f"arith: digits must be 1..9, got {digits}")
     if not ops or set(ops) - set(ARITH_OPS):
@@ -278,12 +274,10 @@ def arith_load(data_dir, cache_dir, digits, ops, terms, train_size, test_size, s
 
 @functools.lru_cache(maxsize=None)
 def arith_shots(digits, ops, terms):
-    """Two worked examples as earlier chat turns, fixed per setting, drawn from the train side.
-
-    How the protocol is shown decides the cold start: with no answer block in a group every reward is 0 and GRPO
-    has no gradient, and examples as chat turns get answer blocks where an instruction or a system-message example
-    does not.
-    """
+    """Two worked examples as earlier chat turns, fixed per setting, drawn from the train side."""
+    # How the protocol is shown decides the cold start: with no answer block in a group every reward is 0 and GRPO
+    # has no gradient, and examples as chat turns get answer blocks where an instruction or a system-message example
+    # does not.
     msgs = []
     for p in arith_problems("train", 2, max(digits, 2), ops, terms, seed="shots"):  # >= 2 digits: show a carry
         nums, o = [int(t) for t in p["expr"].split()[::2]], p["expr"].split()[1::2]
@@ -306,12 +300,10 @@ METRICS = {"acc_strict": R.correct, "acc_lenient": R.correct_lenient}
 # ----------------------------------------------------------------------------- wordle (the game: wordle.py)
 
 def wordle_load(data_dir, cache_dir, mode, per_secret, seed):
-    """Train: game states (mode states) or one empty game per secret (mode games, which ignores per_secret);
-    test: one game per test secret.
-
-    The test secrets are in a fixed shuffled order (not the run's seed), so --eval-n 100 takes the same 100 in
-    every run and they are not the alphabet's first. data_dir and cache_dir are unused: the lists ship here.
-    """
+    """(train, test): game states (mode states) or one empty game per secret (mode games); one game per test secret."""
+    # Mode games ignores per_secret.
+    # The test secrets are in a fixed shuffled order (not the run's seed), so --eval-n 100 takes the same 100 in
+    # every run and they are not the alphabet's first. data_dir and cache_dir are unused: the lists ship here.
     if data_dir:
         raise TaskError("wordle reads the word lists shipped in data/wordle; --data-dir is not used by it")
     if mode not in ("states", "games"):
@@ -347,8 +339,8 @@ def game_clean(completion, game=None, **_):
 
 
 def wordle_summary(records):
-    """Win rate, mean guesses in won games, and per turn: the share of guesses that are not words, and the share
-    in the <guess>WORD</guess> format (one block, 5 letters; a word or not)."""
+    """Win rate, mean guesses in won games, and per turn: the share of guesses that are not words and in format."""
+    # The format is <guess>WORD</guess>: one block, 5 letters; a word or not.
     turns = [t for r in records for t in r["turns"]]
     won = [r["guesses"] for r in records if r["won"]]
     return {"acc_win": len(won) / max(len(records), 1), "guesses_won": sum(won) / len(won) if won else None,

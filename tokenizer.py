@@ -35,8 +35,9 @@ class Tokenizer:
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def encode_plain(self, text):
-        """encode, reading special-token strings as plain text: untrusted text (a completion that a judge reads,
-        judge.py) that spells "<|im_end|>" gets the characters, not the token, so it cannot forge a chat turn."""
+        """encode, reading special-token strings as plain text (untrusted text cannot forge a chat turn)."""
+        # Untrusted text (a completion that a judge reads, judge.py) that spells "<|im_end|>" gets the characters,
+        # not the token, so it cannot forge a chat turn.
         self.tok.encode_special_tokens = True  # tokenizers >= 0.15; `encode` above splits on them whatever its flag
         try:
             return self.tok.encode(text, add_special_tokens=False).ids
@@ -48,10 +49,8 @@ class Tokenizer:
 
     @staticmethod
     def chatml(messages):
-        """<|im_start|>role\\ncontent<|im_end|>\\n per message, then <|im_start|>assistant\\n (Qwen and SmolLM2).
-
-        Unlike the checkpoints' jinja templates, no default system prompt is injected: pass one explicitly.
-        """
+        """<|im_start|>role\\ncontent<|im_end|>\\n per message, then <|im_start|>assistant\\n (Qwen and SmolLM2)."""
+        # Unlike the checkpoints' jinja templates, no default system prompt is injected: pass one explicitly.
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         return text + "<|im_start|>assistant\n"
 

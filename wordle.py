@@ -103,11 +103,9 @@ NEW_GAME = "You won in 2 guesses! Now a new game, with a new secret word. Make y
 
 
 def reply(history, turns_left, invalid=None):
-    """The game's message after a turn: what went wrong if anything, every valid guess so far, the turns left.
-
-    invalid: the text inside the turn's one <guess> block when it is not a word ('' when there is no single block),
-    quoted up to 20 characters: a long non-guess does not grow the context turn after turn.
-    """
+    """The game's message after a turn: what went wrong if anything, every valid guess so far, the turns left."""
+    # invalid: the text inside the turn's one <guess> block when it is not a word ('' when there is no single
+    # block), quoted up to 20 characters: a long non-guess does not grow the context turn after turn.
     lines = [] if invalid is None else [f"{invalid[:20]!r} is not a valid guess (it must be one 5-letter English "
                                         "word inside <guess> </guess>)."]
     if history:
@@ -124,18 +122,16 @@ def demo_words():
 
 
 def demo(secret):
-    """The example game's turns shown before the game of `secret` (as Game.turns holds them): a first guess, then
-    the example's secret, two words of demo_words() drawn by a generator seeded by `secret`."""
+    """The example game's turns shown before the game of `secret` (as Game.turns holds them)."""
+    # A first guess, then the example's secret: two words of demo_words() drawn by a generator seeded by `secret`.
     rng = random.Random(int(hashlib.sha256(f"wordle-demo-{secret}".encode()).hexdigest()[:16], 16))
     first, answer = rng.sample(demo_words(), 2)
     return [{"guess": g, "valid": True, "feedback": feedback(g, answer), "text": None} for g in (first, answer)]
 
 
 class Game:
-    """One game: a secret, the turns played (each {guess, valid, feedback}), and whether it is won or over.
-
-    history: earlier (guess, feedback) turns to start from (a training state); they count as turns.
-    """
+    """One game: a secret, the turns played (each {guess, valid, feedback}), and whether it is won or over."""
+    # history: earlier (guess, feedback) turns to start from (a training state); they count as turns.
 
     def __init__(self, secret, history=(), max_turns=MAX_TURNS, allowed=None):
         self.secret, self.max_turns = R._word(secret, "secret"), max_turns
@@ -151,8 +147,9 @@ class Game:
         return [(t["guess"], t["feedback"]) for t in self.turns if t["valid"]]
 
     def messages(self):
-        """The chat up to the model's next turn: rules, the example game, then this game's earlier turns as bare
-        <guess> lines (a training state's are the solver's) with the replies play() gave them."""
+        """The chat up to the model's next turn: rules, the example game, then this game's earlier turns."""
+        # This game's earlier turns are bare <guess> lines (a training state's are the solver's) with the replies
+        # play() gave them.
         msgs = [{"role": "system", "content": SYSTEM}]
         for turns, start, last in ((demo(self.secret), START, False), (self.turns, NEW_GAME, True)):
             msgs.append({"role": "user", "content": start})
@@ -185,11 +182,9 @@ class Game:
 
 @functools.lru_cache(maxsize=None)
 def pattern_matrix(words):
-    """(A, A) uint8: feedback of guess i on secret j as a base-3 number (X=0, Y=1, G=2; letter 0 most significant).
-
-    Vectorised rewards.wordle_feedback (same duplicate rule: yellows left to right while unmatched copies
-    remain); tests check it against that function.
-    """
+    """(A, A) uint8: feedback of guess i on secret j as a base-3 number (X=0, Y=1, G=2; letter 0 most significant)."""
+    # Vectorised rewards.wordle_feedback (same duplicate rule: yellows left to right while unmatched copies
+    # remain); tests check it against that function.
     w = np.array([[ord(c) for c in s] for s in words], dtype=np.uint8)  # (A, 5)
     g, s = w[:, None, :], w[None, :, :]  # guess rows, secret columns
     green = g == s  # (A, A, 5)
@@ -227,8 +222,9 @@ def first_ranking(words):
 
 
 def _rank(pm, cand):
-    """cand (c,) answer indices, best guess first: the most distinct feedbacks over the candidates, then the fewest
-    candidates left on average (sum of squared bucket sizes), then word order."""
+    """cand (c,) answer indices, best guess first."""
+    # Best first: the most distinct feedbacks over the candidates, then the fewest candidates left on average (sum
+    # of squared bucket sizes), then word order.
     sub = pm[np.ix_(cand, cand)].astype(np.int64)  # (c, c) guess x secret
     c = len(cand)
     counts = np.bincount((np.arange(c)[:, None] * 243 + sub).ravel(), minlength=c * 243).reshape(c, 243)  # (c, 243)
@@ -237,8 +233,8 @@ def _rank(pm, cand):
 
 
 def _wins(pm, g, cand, turns, memo, width=10):
-    """True if guessing g now guarantees a win within `turns` guesses (this one included), each later guess one of
-    the `width` best-ranked candidates: an exact search, memoised on (candidates, turns)."""
+    """True if guessing g now guarantees a win within `turns` guesses (this one included)."""
+    # Each later guess is one of the `width` best-ranked candidates: an exact search, memoised on (candidates, turns).
     rest = cand[cand != g]
     if len(rest) == 0:
         return True
@@ -268,12 +264,10 @@ def candidates(history, words):
 
 
 def solver_guess(history, rng=None, top=8, max_turns=MAX_TURNS):
-    """The next guess of a solver that keeps to the feedback (hard mode): always a remaining candidate.
-
-    With rng (training states): one of the `top` best-ranked candidates, uniformly. Without (the scripted
-    player): OPENER first, then the best-ranked candidate that guarantees a win in the turns left, found by exact
-    search once at most 300 candidates remain, else the best-ranked one.
-    """
+    """The next guess of a solver that keeps to the feedback (hard mode): always a remaining candidate."""
+    # With rng (training states): one of the `top` best-ranked candidates, uniformly. Without (the scripted
+    # player): OPENER first, then the best-ranked candidate that guarantees a win in the turns left, found by exact
+    # search once at most 300 candidates remain, else the best-ranked one.
     words = answers()
     pm, cand = pattern_matrix(words), candidates(history, words)
     if len(cand) == 0:
@@ -301,12 +295,10 @@ def solve(secret, rng=None, max_turns=MAX_TURNS):
 
 
 def states(secrets, per_secret, seed):
-    """Training states: per secret, `per_secret` examples {secret, history}; history is 0..5 earlier solver guesses.
-
-    Each state's number of earlier guesses is drawn uniformly from 0..5, and the solver picks among its 8 best
-    guesses at random, so states vary; a state stops before the solver's winning guess (a won game has no next
-    guess), so 4 or 5 earlier guesses are rare. Seeded per (seed, secret, k): the same list on every machine.
-    """
+    """Training states: per secret, `per_secret` examples {secret, history}; history is 0..5 earlier solver guesses."""
+    # Each state's number of earlier guesses is drawn uniformly from 0..5, and the solver picks among its 8 best
+    # guesses at random, so states vary; a state stops before the solver's winning guess (a won game has no next
+    # guess), so 4 or 5 earlier guesses are rare. Seeded per (seed, secret, k): the same list on every machine.
     out = []
     for s in secrets:
         for k in range(per_secret):
@@ -335,8 +327,9 @@ def shown_words(secret, history=()):
 
 
 def guarded(fn):
-    """fn, but 0 for a completion whose guess is not a listed word (the validity guard), or is a word the prompt
-    already shows as a guess (the copy guard: the example game's, or this game's earlier ones)."""
+    """fn, but 0 for a completion whose guess is not a listed word or is a word the prompt already shows as a guess."""
+    # Not a listed word: the validity guard. Already shown as a guess: the copy guard (the example game's, or this
+    # game's earlier ones).
     # The copy guard: without it a word the prompt already shows (the example game's first guess) earns format and
     # partial credit without any reading of the game (docs/results.md, Wordle).
     @functools.wraps(fn)
