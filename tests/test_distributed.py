@@ -46,6 +46,13 @@ if os.environ.get("SAVE_RAISE") and os.environ.get("RANK", "0") == "0":  # rank 
     def broken_save(*a, **k):
         raise OSError("disk full")
     train.save = broken_save
+if os.environ.get("SAMPLER_SHIFT"):  # the sampler's log-probs off by 0 .. 0.4 a token: a sampler/trainer gap of size
+    real_rollout = train.rollout
+    def shifted(run, examples, keys):
+        s = real_rollout(run, examples, keys)
+        s.ro.logprobs = s.ro.logprobs + 0.1 * (s.ro.completion_ids % 5).float()  # (N, T)
+        return s
+    train.rollout = shifted
 train.main(sys.argv[1:])
 """
 
@@ -159,6 +166,20 @@ def test_two_ranks_equal_one_process_and_resume_in_one_rank(setup, tmp_path):
     assert [m["step"] for m in resumed] == [1, 2]
     for k in resumed[1]:
         assert_metric(k, resumed[1][k], two[1][k], k)
+
+
+def test_mismatch_of_real_size_is_reduced_over_ranks_as_one_process_computes_it(setup, tmp_path):
+    """mismatch_mean, _max and _out_frac: a sum over ranks over a global count, a max over ranks, as 1 process."""
+    # In fp32 the gap is rounding (~1e-6), below any tolerance; here a shifted sampler makes it 0 .. 0.4 a token,
+    # so summing the max over ranks, or dividing by one rank's tokens, would show
+    env = {"SAMPLER_SHIFT": "1"}
+    run(setup, tmp_path / "one", 1, "--steps", "1", "--eval-n", "0", env_extra=env)
+    run(setup, tmp_path / "two", 2, "--steps", "1", "--eval-n", "0", env_extra=env)
+    (m1,), (m2,) = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert m1["mismatch_mean"] > 0.05 and m1["mismatch_max"] == pytest.approx(0.4, abs=1e-4)
+    assert 0 < m1["mismatch_out_frac"] < 1  # shifts of 0.3 and 0.4 fall outside [0.8, 1.25], the rest inside
+    for k in ("mismatch_mean", "mismatch_max", "mismatch_out_frac"):
+        assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6), k
 
 
 def test_indivisible_prompts_per_step_is_a_clear_error(setup, tmp_path):
