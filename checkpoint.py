@@ -298,11 +298,13 @@ def check_resume(cfg, resumed, model_dir):
                            "on resume")
 
 
-def save(step, *, cfg, model, opt, tok_files, base_model, rank, world, log):
+def save(step, *, cfg, model, opt_state, tok_files, base_model, rank, world, log):
     """Write step-N/ atomically (a temp dir renamed into place) and delete the checkpoints past --keep-last."""
     # step-N/ = a Hugging Face model dir (with LoRA: a PEFT adapter dir, and at the end also merged/, the merged Hugging
     # Face model) + the tokenizer + trainer_state.pt. A crash mid-write leaves only .step-N.tmp, which resume ignores;
     # older checkpoints are deleted only once the new one is complete, so there is always one to resume from.
+    # model: a plain model (with --fsdp, fsdp.full_state's whole copy on rank 0); opt_state: the optimizer's
+    # state_dict with whole tensors, the same layout with or without FSDP
     if rank == 0:
         final, tmp = os.path.join(cfg.out, f"step-{step}"), os.path.join(cfg.out, f".step-{step}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -318,7 +320,7 @@ def save(step, *, cfg, model, opt, tok_files, base_model, rank, world, log):
         for d, (name, data) in itertools.product(dirs, tok_files.items()):
             with open(os.path.join(d, name), "wb") as f:
                 f.write(data)
-        torch.save({"step": step, "optimizer": opt.state_dict(), "config": asdict(cfg), "world_size": world,
+        torch.save({"step": step, "optimizer": opt_state, "config": asdict(cfg), "world_size": world,
                     "data_position": step * cfg.prompts_per_step, "rng": {"torch": torch.get_rng_state()},
                     "base_model": base_model},  # fingerprint(): a resume checks --model against it
                    os.path.join(tmp, "trainer_state.pt"))

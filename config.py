@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+import fsdp
 import judge
 import lora
 from grpo import LOSS_TYPES, RATIO_LEVELS
@@ -100,6 +101,8 @@ class TrainConfig:
     grad_ckpt: bool = arg(False, "gradient checkpointing: recompute activations in backward")
     compile: bool = arg(False, "torch.compile the sampler's decode step (on CPU it measured slower than eager, which "
                         "packs weights for oneDNN)")
+    fsdp: bool = arg(False, "under torchrun, shard the weights, gradients, Adam state and reference over the ranks "
+                     "(FSDP2; torch >= 2.9.1); the update equals one process's (docs/multi-gpu.md)")
     dtype: str = arg("auto", "forward passes in bf16 autocast over fp32 weights, or all fp32 (auto: bf16 on CUDA, "
                      "fp32 on CPU; see the dtype policy at the top of train.py)", choices=("auto", "bf16", "fp32"))
     # ---- evaluation, checkpoints, logging
@@ -200,6 +203,19 @@ def check_settings(cfg, world):
                        "dropout noise; use --lora-dropout 0 with --mu > 1 or --tis-cap")
     if not 0 <= cfg.eps_low < 1 or not (cfg.eps_high is None or cfg.eps_high >= 0):
         raise BadInput(f"--eps-low must be in [0, 1) and --eps-high >= 0, got {cfg.eps_low} and {cfg.eps_high}")
+    if cfg.fsdp:
+        if world == 1:
+            raise BadInput("--fsdp shards over torchrun's ranks: launch with torchrun --nproc_per_node N (N >= 2), or "
+                           "pass --no-fsdp (a run started with --fsdp keeps it on --resume unless told)")
+        if cfg.device.startswith("mps"):
+            raise BadInput("--fsdp with --device mps: FSDP needs a collective backend (NCCL on CUDA, gloo on CPU)")
+        if cfg.compile:
+            raise BadInput("--fsdp with --compile: the compiled decode step is not traced through FSDP's hooks; "
+                           "drop one")
+        try:
+            fsdp.check_torch()
+        except ValueError as e:
+            raise BadInput(str(e)) from None
     if cfg.resume and cfg.eval_only:
         raise BadInput("--eval-only evaluates --model; to evaluate a run's checkpoint pass --model RUN/step-N")
     if cfg.eval_only and cfg.eval_n == 0:

@@ -88,7 +88,8 @@ def add_lora(model, r, alpha, dropout=0.0, targets=TARGETS, seed=0, names=None):
     for n in sorted(set(names or ()) - set(modules)):
         raise ValueError(f"module {n!r} does not exist in this model")
     model.requires_grad_(False)
-    g = torch.Generator(model.lm_head.weight.device).manual_seed(seed)
+    dev = model.lm_head.weight.device
+    g = torch.Generator(dev).manual_seed(seed) if dev.type != "meta" else None  # meta: shapes only (fsdp.py)
     for name, mod in modules.items():
         leaf = name.rsplit(".", 1)[-1]
         if leaf in targets and type(mod) is nn.Linear and (names is None or name in names):

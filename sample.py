@@ -144,7 +144,8 @@ def packed_linears(model, rows, enable=True):
 
 def decode_step(model, tok, positions, cache):
     """One token per row through the cache: tok (N,), positions (N,) -> next-token logits (N, V) fp32."""
-    return model(tok[:, None], positions[:, None], cache=cache)[:, -1].float()
+    # forward_hidden, not forward (which calls it): under FSDP (fsdp.py) a nested call would reshard the root
+    return model.logits(model.forward_hidden(tok[:, None], positions[:, None], cache=cache)[:, -1]).float()  # (N, V)
 
 
 @torch.no_grad()  # not inference_mode: the rollout's tensors are inputs to the training graph later

@@ -33,7 +33,9 @@ from functools import partial
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
+import fsdp
 import judge
 import lora
 from checkpoint import (append_jsonl, base_model_of, check_resume, interrupted, last_checkpoint, load_judge,
@@ -126,22 +128,24 @@ def rollout(run, examples, keys):
     cfg, G = run.cfg, run.cfg.group_size
     run.model.eval()
     t0 = time.time()
-    if run.games:  # G games per example, played to the end; the game's replies are outside the loss mask
-        games = [run.task.game(ex) for ex in examples for _ in range(G)]
-        # a generator per game, from (seed, the prompt's key, game): independent of rank and batch, as below
-        gens = [torch.Generator(run.device).manual_seed(stream_seed(cfg.seed, *k, j)) for k in keys for j in range(G)]
-        ro, texts = play(run.model, run.tok, games, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                         top_p=cfg.top_p, top_k=cfg.top_k, generators=gens, group_size=G, amp=run.amp(),
-                         compile=cfg.compile)
-        return Sampled(ro=ro, texts=texts, extra=[{"game": g.record()} for g in games], seconds=time.time() - t0)
-    # One generator per prompt, seeded by (seed, the prompt's key): a prompt's completions do not depend on which
-    # rank drew it or on what else is in the batch, so N ranks sample what 1 process would.
-    gens = [torch.Generator(run.device).manual_seed(stream_seed(cfg.seed, *k)) for k in keys]
-    prompts = [run.tok.encode_chat(run.task.prompt(ex)) for ex in examples]
-    with run.amp():
-        ro = generate(run.model, prompts, G=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                      top_p=cfg.top_p, top_k=cfg.top_k, stop_ids=run.tok.stop_ids, generator=gens,
-                      vocab_size=run.tok.vocab_size, pad_id=run.tok.pad_id, compile=cfg.compile)
+    with fsdp.gathered(run.model):  # --fsdp: the weights all-gathered once for the whole rollout, resharded after
+        if run.games:  # G games per example, played to the end; the game's replies are outside the loss mask
+            games = [run.task.game(ex) for ex in examples for _ in range(G)]
+            # a generator per game, from (seed, the prompt's key, game): independent of rank and batch, as below
+            gens = [torch.Generator(run.device).manual_seed(stream_seed(cfg.seed, *k, j)) for k in keys
+                    for j in range(G)]
+            ro, texts = play(run.model, run.tok, games, max_new_tokens=cfg.max_new_tokens,
+                             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, generators=gens,
+                             group_size=G, amp=run.amp(), compile=cfg.compile)
+            return Sampled(ro=ro, texts=texts, extra=[{"game": g.record()} for g in games], seconds=time.time() - t0)
+        # One generator per prompt, seeded by (seed, the prompt's key): a prompt's completions do not depend on which
+        # rank drew it or on what else is in the batch, so N ranks sample what 1 process would.
+        gens = [torch.Generator(run.device).manual_seed(stream_seed(cfg.seed, *k)) for k in keys]
+        prompts = [run.tok.encode_chat(run.task.prompt(ex)) for ex in examples]
+        with run.amp():
+            ro = generate(run.model, prompts, G=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                          top_p=cfg.top_p, top_k=cfg.top_k, stop_ids=run.tok.stop_ids, generator=gens,
+                          vocab_size=run.tok.vocab_size, pad_id=run.tok.pad_id, compile=cfg.compile)
     return Sampled(ro=ro, texts=completion_texts(run.tok, ro), extra=[{}] * len(ro.lengths), seconds=time.time() - t0)
 
 
@@ -302,7 +306,7 @@ def reference_logprobs(run, ro):
     mbs = micro_batches(run, ro)
     if not mbs or run.cfg.beta == 0 or not loss_mask(run, ro).any():  # no rows, or every one cut: the KL is moot
         return None
-    with run.amp():
+    with run.amp(), fsdp.gathered(run.ref if run.ref is not None else run.model):  # --fsdp: all-gathered once
         if run.ref is not None:
             return torch.cat([logprobs(run, run.ref, ro, sl) for sl in mbs])
         with lora.adapters_off(run.model):  # LoRA: the reference is the base model, adapters off
@@ -318,7 +322,7 @@ def old_logprobs(run, ro):
     mbs = micro_batches(run, ro)
     if not mbs or run.cfg.mu == 1:
         return None
-    with run.amp():
+    with run.amp(), fsdp.gathered(run.model):
         return torch.cat([logprobs(run, run.model, ro, sl) for sl in mbs])
 
 
@@ -332,6 +336,14 @@ def observe(sums, ent, old, ro, sl):
     sums["mm_out"] += mm["out"]
     sums["sampled_tokens"] += mm["tokens"]
     sums["mm_max"] = max(sums["mm_max"], mm["max"])
+
+
+def reduce_grads(run):
+    """Sum the gradients over ranks: an all_reduce of each (DDP), or with --fsdp a reduce-scatter into the shards."""
+    if fsdp.is_sharded(run.model):
+        fsdp.reduce_grads(run.model)
+    else:
+        sum_grads(trainable(run.model), run.world)
 
 
 @dataclass
@@ -364,32 +376,35 @@ def update(run, step, *, ro, adv, ref_lp, old_lp):
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        with fail_together(cfg, run.world, step):  # a rank that fails here tells the others before they all_reduce
-            for sl in mbs:
-                with run.amp():  # on the first pass also the entropy (a softmax per chunk, for a metric)
-                    lp, ent = logprobs(run, model, ro, sl, entropy=True) if pass_ == 0 else \
-                        (logprobs(run, model, ro, sl), None)
-                old = lp.detach() if old_lp is None else old_lp[sl]  # the trainer's pi_old
-                if pass_ == 0:
-                    observe(sums, ent, old, ro, sl)
-                w = tis_weights(old, ro.logprobs[sl], mask[sl], cfg.tis_cap) if cfg.tis_cap else None
-                loss, st = grpo_loss(lp, old, adv[sl], mask[sl], normalizer=norm, loss_type=cfg.loss_type,
-                                     ref_logp=None if ref_lp is None else ref_lp[sl],
-                                     beta=0.0 if ref_lp is None else cfg.beta,  # None: no token to learn from
-                                     eps_low=cfg.eps_low, eps_high=cfg.eps_high, ratio_level=cfg.ratio_level,
-                                     is_weight=w)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite loss {loss.item()} at step {step}: {st}; advantages [{adv.min().item():.3g}, "
-                        f"{adv.max().item():.3g}]; {last_checkpoint(cfg)}")
-                loss.backward()
-                sums["loss"] += loss.item()
-                for k in ("kl", "ratio", "clip_low", "clip_high"):
-                    sums[k] += st[k] * st["tokens"]  # token-weighted, so the logged means are per token
-                sums["tokens"] += st["tokens"]
-        sum_grads(trainable(model), run.world)  # summed, not averaged: each rank's loss carries the global normaliser
+        # --fsdp: whole weights for the pass, and no collective until reduce_grads (fsdp.py)
+        with fsdp.gathered(model):
+            with fail_together(cfg, run.world, step):  # a rank that fails here tells the others before they reduce
+                for sl in mbs:
+                    with run.amp():  # on the first pass also the entropy (a softmax per chunk, for a metric)
+                        lp, ent = logprobs(run, model, ro, sl, entropy=True) if pass_ == 0 else \
+                            (logprobs(run, model, ro, sl), None)
+                    old = lp.detach() if old_lp is None else old_lp[sl]  # the trainer's pi_old
+                    if pass_ == 0:
+                        observe(sums, ent, old, ro, sl)
+                    w = tis_weights(old, ro.logprobs[sl], mask[sl], cfg.tis_cap) if cfg.tis_cap else None
+                    loss, st = grpo_loss(lp, old, adv[sl], mask[sl], normalizer=norm, loss_type=cfg.loss_type,
+                                         ref_logp=None if ref_lp is None else ref_lp[sl],
+                                         beta=0.0 if ref_lp is None else cfg.beta,  # None: no token to learn from
+                                         eps_low=cfg.eps_low, eps_high=cfg.eps_high, ratio_level=cfg.ratio_level,
+                                         is_weight=w)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"non-finite loss {loss.item()} at step {step}: {st}; advantages [{adv.min().item():.3g}, "
+                            f"{adv.max().item():.3g}]; {last_checkpoint(cfg)}")
+                    loss.backward()
+                    sums["loss"] += loss.item()
+                    for k in ("kl", "ratio", "clip_low", "clip_high"):
+                        sums[k] += st[k] * st["tokens"]  # token-weighted, so the logged means are per token
+                    sums["tokens"] += st["tokens"]
+            reduce_grads(run)  # summed over ranks, not averaged: each rank's loss has the global normaliser
         with fail_together(cfg, run.world, step):  # Adam's first step allocates its state: a likely place for OOM
             gn = torch.nn.utils.clip_grad_norm_(trainable(model), cfg.grad_clip or float("inf"))
+            gn = gn.full_tensor() if isinstance(gn, DTensor) else gn  # --fsdp: a norm over every rank's shards
             if not torch.isfinite(gn):  # the same on every rank: the gradients were all-reduced
                 raise FloatingPointError(f"non-finite grad norm at step {step}; {last_checkpoint(cfg)}")
             if not empty:  # Adam would move the weights on zero gradients by its momentum: a step that learnt nothing
@@ -465,15 +480,19 @@ def print_step(run, step, metrics, *, batch, t_run):
 
 def run_eval(run, step):
     """Greedy held-out evaluation (evaluate.py): the before and after of every learning claim."""
-    return evaluate_and_record(run.model, run.tok, run.task, run.test, step, cfg=run.cfg, amp=run.amp(),
-                               rank=run.rank, world=run.world, log=run.log)
+    with fsdp.gathered(run.model):  # --fsdp: all-gathered once for the whole evaluation
+        return evaluate_and_record(run.model, run.tok, run.task, run.test, step, cfg=run.cfg, amp=run.amp(),
+                                   rank=run.rank, world=run.world, log=run.log)
 
 
 def save_checkpoint(run, step):
     """step-N/ in the run dir, atomically, keeping the last --keep-last (checkpoint.py)."""
+    model, opt_state = run.model, None
+    if fsdp.is_sharded(run.model):  # every rank takes part in gathering the whole weights and Adam state to rank 0
+        model, opt_state = fsdp.full_state(run.model), fsdp.full_optimizer_state(run.opt)
     with fail_together(run.cfg, run.world, step):  # rank 0 writes; if that fails, every rank ends with its message
-        save(step, cfg=run.cfg, model=run.model, opt=run.opt, tok_files=run.tok_files, base_model=run.base_model,
-             rank=run.rank, world=run.world, log=run.log)
+        save(step, cfg=run.cfg, model=model, opt_state=opt_state or run.opt.state_dict(), tok_files=run.tok_files,
+             base_model=run.base_model, rank=run.rank, world=run.world, log=run.log)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -526,18 +545,21 @@ def setup(cfg, given):
     # the reference holds the policy's fp32 weights, under the same autocast: KL exactly 0 at step 1 (dtype policy)
     ref = load_reference(cfg, model_dir, device) if need_ref else None
     model.gradient_checkpointing = cfg.grad_ckpt
+    if cfg.fsdp:  # before the optimizer, so that Adam's moments are born sharded (fsdp.py)
+        model = fsdp.shard(model, device)
+        ref = fsdp.shard(ref, device) if ref is not None else None
     amp = partial(torch.autocast, device.type, dtype=torch.bfloat16) if bf16 else nullcontext
     opt = None
     if not cfg.eval_only:  # with LoRA: the adapters only
         opt = torch.optim.AdamW(trainable(model), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     if resumed:  # Adam's moments and the torch RNG, so the resumed steps equal the uninterrupted ones
-        opt.load_state_dict(resumed.state["optimizer"])
+        fsdp.load_optimizer_state(opt, resumed.state["optimizer"])  # whole moments, cut to shards with --fsdp
         torch.set_rng_state(resumed.state["rng"]["torch"])
     if rank == 0:
         start_records(cfg, resumed.step if resumed else 0)
     log(json.dumps(asdict(cfg)))
     log(f"{len(train)} train / {len(test)} test examples; {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-        f"params on {device} x {world}, {'bf16 autocast' if bf16 else 'fp32'}; "
+        f"params on {device} x {world}{' (FSDP)' if cfg.fsdp else ''}, {'bf16 autocast' if bf16 else 'fp32'}; "
         + (f"LoRA r={cfg.lora_rank} on {cfg.lora_targets}: {sum(p.numel() for p in trainable(model)) / 1e6:.2f}M "
            "trainable; " if cfg.lora_rank else "")
         + "reference model: " + ('loaded (fp32 weights)' if ref else 'none (--eval-only)' if cfg.eval_only else

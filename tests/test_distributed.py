@@ -53,12 +53,32 @@ if os.environ.get("SAMPLER_SHIFT"):  # the sampler's log-probs off by 0 .. 0.4 a
         s.ro.logprobs = s.ro.logprobs + 0.1 * (s.ro.completion_ids % 5).float()  # (N, T)
         return s
     train.rollout = shifted
+if os.environ.get("COUNT_GATHERS"):  # FSDP's all-gathers (one per unit) in each rollout and evaluation
+    import torch.distributed.fsdp._fully_shard._fsdp_param_group as fsdp_group
+    gathers, real_gather = [0], fsdp_group.foreach_all_gather
+    def counted(*a, **k):
+        gathers[0] += 1
+        return real_gather(*a, **k)
+    fsdp_group.foreach_all_gather = counted
+    def counting(name, stage):
+        def wrapped(*a, **k):
+            gathers[0] = 0
+            out = stage(*a, **k)
+            print(f"all-gathers in {{name}}: {{gathers[0]}}", flush=True)
+            return out
+        return wrapped
+    train.rollout, train.run_eval = counting("rollout", train.rollout), counting("eval", train.run_eval)
 train.main(sys.argv[1:])
 """
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_ckpt):
+    return make_setup(tmp_path_factory, tiny_ckpt)
+
+
+def make_setup(tmp_path_factory, tiny_ckpt):
+    """(a dir with the toy data and the launcher, the tiny checkpoint): what run() takes as setup."""
     d = tmp_path_factory.mktemp("dist")
     for split in ("train", "test"):
         with open(d / f"{split}.jsonl", "w") as f:

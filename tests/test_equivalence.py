@@ -5,10 +5,11 @@ equals the uninterrupted one; gradient checkpointing changes nothing but memory.
 scale, loss type, ratio level, mu, beta, LoRA, dynamic sampling, overlong filtering, TIS, ...) on the tiny random
 model, one 2-step, full-batch, 1-process run (in-process, cached per configuration and shared by the four tests) is
 compared with: the same step with --micro-batch < rows; with --grad-ckpt; the run deleted back to step 1 and resumed;
-and (last, the slow one: torchrun) the same step on 2 ranks. What is compared is the gradient of every trainable
-parameter as the optimizer receives it (a global optimizer pre-step hook records each opt.step(), all mu of them, and
-also records that a step with nothing to learn from made none) and the step's log line (loss, grad norm and every
-other value but timing); for resume, bit for bit, the log, step 2's gradients and the final weights.
+and (last, the slow one: torchrun) the same step on 2 ranks, data-parallel or sharded (--fsdp). What is compared is
+the gradient of every trainable parameter as the optimizer receives it (a global optimizer pre-step hook records each
+opt.step(), all mu of them, and also records that a step with nothing to learn from made none) and the step's log
+line (loss, grad norm and every other value but timing); for resume, bit for bit, the log, step 2's gradients and
+the final weights.
 
 Draws are derandomized for CI (the four tests share one seed, so they draw the same configurations and share the
 cached 1-process runs); GRPO_EQUIV_EXAMPLES=N asks for N random draws per test instead (GRPO_EQUIV_SEED=S repeats
@@ -27,6 +28,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import train
@@ -74,11 +76,12 @@ LOSS_ATOL, NORM_ATOL, LOG_ATOL, MISMATCH_ATOL, CLIP_ATOL = 1e-6, 1e-6, 1e-6, 1e-
 
 
 def config(adv_scale="group", loss_type="grpo", ratio_level="token", mu=1, beta=0.0, lora=False, dynamic=False,
-           mask_truncated=False, tis=False, max_new_tokens=8, grad_clip=0.0, reward="eq_varied", micro=1, seed=1):
+           mask_truncated=False, tis=False, max_new_tokens=8, grad_clip=0.0, reward="eq_varied", micro=1, seed=1,
+           fsdp=False):
     """A drawn configuration as a dict (hashable through key()); every field a flag or the task."""
     return dict(adv_scale=adv_scale, loss_type=loss_type, ratio_level=ratio_level, mu=mu, beta=beta, lora=lora,
                 dynamic=dynamic, mask_truncated=mask_truncated, tis=tis, max_new_tokens=max_new_tokens,
-                grad_clip=grad_clip, reward="eq_flat" if dynamic else reward, micro=micro, seed=seed)
+                grad_clip=grad_clip, reward="eq_flat" if dynamic else reward, micro=micro, seed=seed, fsdp=fsdp)
 
 
 CONFIGS = st.builds(
@@ -87,7 +90,7 @@ CONFIGS = st.builds(
     mu=st.sampled_from([1, 2]), beta=st.sampled_from([0.0, 0.04]), lora=st.booleans(), dynamic=st.booleans(),
     mask_truncated=st.booleans(), tis=st.booleans(), max_new_tokens=st.sampled_from([8, 3]),
     grad_clip=st.sampled_from([0.0, 1.0]), reward=st.sampled_from(["eq_varied", "eq_flat"]),
-    micro=st.sampled_from([1, 3]), seed=st.integers(0, 3))
+    micro=st.sampled_from([1, 3]), seed=st.integers(0, 3), fsdp=st.booleans())
 
 # Pinned: every CI run checks these, whatever the draws. EMPTY cuts every completion: a step with no token to learn
 # from, where no run may take an optimizer step.
@@ -98,9 +101,13 @@ MU2_KL = config(mu=2, beta=0.04)
 LORA_KL = config(lora=True, beta=0.04)
 GSPO_MU2 = config(ratio_level="sequence", mu=2)
 TIS = config(tis=True)
+# --fsdp (2 ranks sharded): mu 2 with the reference sharded too; LoRA's frozen base sharded, with dynamic sampling,
+# where one rank may keep fewer groups than the other (or none) and so run fewer micro-batches and forwards
+FSDP_MU2_KL = config(mu=2, beta=0.04, fsdp=True)
+FSDP_LORA_DS = config(lora=True, adv_scale="batch", dynamic=True, fsdp=True)
 
 
-PINNED = (BATCH, BATCH_DS, EMPTY, MU2_KL, LORA_KL, GSPO_MU2, TIS)
+PINNED = (BATCH, BATCH_DS, EMPTY, MU2_KL, LORA_KL, GSPO_MU2, TIS, FSDP_MU2_KL, FSDP_LORA_DS)
 
 
 def pinned(test):
@@ -128,10 +135,16 @@ def flags(c, data, ckpt, out, *extra):
 
 
 def key(c):
-    return tuple(sorted(c.items()))
+    """What a 1-process run depends on: --fsdp changes only the 2-rank run, so both share one."""
+    return tuple(sorted((k, v) for k, v in c.items() if k != "fsdp"))
 
 
 # ----------------------------------------------------------------------------- recording gradients
+
+def whole(t):
+    """A sharded (--fsdp) gradient's full value, gathered from every rank (each calls this in the same order)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
 
 @contextmanager
 def recording(train_module):
@@ -143,7 +156,7 @@ def recording(train_module):
         return real(run, s, **kw)
 
     def before_step(opt, args, kwargs):
-        records.append((step[0], [None if p.grad is None else p.grad.detach().clone()
+        records.append((step[0], [None if p.grad is None else whole(p.grad).detach().clone()
                                   for g in opt.param_groups for p in g["params"]]))
     handle = register_optimizer_step_pre_hook(before_step)
     train_module.update = update
@@ -242,10 +255,10 @@ def two_ranks(env, c):
     out = env.name(c, "two")
     grads = out.with_suffix(".pt")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(env.dir / "launch.py"), *flags(c, env.data, env.ckpt, out, "--steps", "1")]
+           str(env.dir / "launch.py"), *flags(c, env.data, env.ckpt, out, "--steps", "1", *["--fsdp"] * c["fsdp"])]
     rc, log = run_ranks(cmd, {"EQUIV_GRADS": str(grads)}, out)  # ~10 s alone
     assert rc == 0, log
-    assert "cpu x 2" in log, log  # really two ranks
+    assert ("cpu x 2 (FSDP)" if c["fsdp"] else "cpu x 2,") in log, log  # really two ranks, sharded or not
     return torch.load(grads, weights_only=False), metrics(out), out
 
 

@@ -1,0 +1,165 @@
+"""Sharded training with PyTorch's FSDP2 (torch.distributed.fsdp.fully_shard) for train.py's --fsdp.
+
+What is sharded, 1/N per rank between steps: the fp32 weights, their gradients (after the reduce), Adam's two
+moments (they follow the parameters), and the frozen reference. What is gathered, and when:
+  - `gathered(model)` all-gathers every block and the root once, and keeps them whole until it closes: around a
+    whole rollout (a generate call, a whole game), a whole evaluation, and each forward/backward phase of a step
+    (the reference's log-probs, pi_old's, one optimizer pass of the update). Inside it no collective runs, so ranks
+    may run different numbers of decode steps, micro-batches or forwards; it reshards on close.
+  - The update's micro-batches accumulate whole (unsharded) gradients locally, with no reduce-scatter, and
+    `reduce_grads` then reduce-scatters each parameter group once per optimizer pass, as a sum (below).
+Mixed precision: no MixedPrecisionPolicy. Its param_dtype casts every parameter, the norms and lm_head included,
+where train.py's dtype policy keeps fp32 weights under autocast with lm_head and log_softmax in fp32 and the
+reference exact. So the shards, the gathered weights and the reduce-scatter are fp32 (reduce dtype fp32), and bf16
+is the same autocast as without FSDP: the policy's two exactness rules hold as they do there (tests/test_fsdp.py).
+Gradient scale: each rank's loss already carries the global normaliser (grpo.loss_normalizer), so the gradient
+of the batch is the sum over ranks, as the DDP path's all_reduce sums; FSDP2 averages by default (a divide
+factor of N), so every group's factor is set to 1.
+Parameters used outside a forward: grpo.token_logprobs multiplies by model.lm_head.weight itself, and sample.py
+calls model.logits; inside `gathered` the root's parameters (embeddings, final norm, lm_head, tied or not) are the
+whole tensors, so both read real weights, and their gradients reach the root's reduce-scatter.
+Checkpoints are written whole (`full_state`, `full_optimizer_state`): a plain Hugging Face dir and Adam's state
+keyed as without FSDP, so a checkpoint resumes with or without FSDP and at any world size.
+Needs torch >= 2.9.1 (MIN_TORCH).
+"""
+import warnings
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+import lora
+from model import Transformer
+
+# torch 2.5 and 2.6: FSDP2 fails at the first forward on gloo; 2.7 and 2.8 sum gradients where they should average
+# them on gloo, silently (pytorch#162338); 2.9.1 matched one process (the issue's probe, and tests/test_fsdp.py on
+# 2.13). The NCCL path uses the same calls and is held to the same minimum.
+MIN_TORCH = (2, 9, 1)
+
+
+def torch_version(v=None):
+    """(major, minor, patch) of a torch version string, e.g. '2.13.0+cpu' -> (2, 13, 0)."""
+    parts = (v or torch.__version__).split("+")[0].split(".")[:3]
+    return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts)
+
+
+def check_torch(v=None):
+    """Raise ValueError naming the known FSDP2 bug of a torch older than MIN_TORCH."""
+    if torch_version(v) < MIN_TORCH:
+        raise ValueError(f"--fsdp needs torch >= {'.'.join(map(str, MIN_TORCH))}, this is {v or torch.__version__}: "
+                         "torch 2.7 and 2.8's FSDP2 sums gradients over ranks where it should average them on gloo, "
+                         "silently (pytorch#162338), and 2.5 and 2.6 fail at the first forward")
+
+
+def fsdp_modules(model):
+    """The model's FSDP units, root first: the whole model, then each decoder block."""
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(model):
+    """Whether model was sharded by `shard`."""
+    return model is not None and bool(fsdp_modules(model))
+
+
+def shard(model, device):
+    """Shard model in place over all ranks: one FSDP unit per decoder block, one for the rest; returns model."""
+    # the root unit holds the embeddings, the final norm and lm_head (tied or not)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)  # a tied lm_head shares the embeddings' unit
+    register_fsdp_forward_method(model, "forward_hidden")  # grpo.py and sample.py call it, not forward
+    # forward_hidden's keys/values are views (a transpose); nothing writes to them in place, which is what it warns of
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    # Whole until `gathered` closes: a reshard in the middle (after a forward or a backward) would all-gather again
+    # on the next forward, a collective that ranks running different numbers of forwards would not all reach.
+    model.set_reshard_after_backward(False)
+    model.set_requires_gradient_sync(False)  # micro-batches accumulate; reduce_grads reduces once
+    model.set_reduce_scatter_unused_params(True)  # a rank with no rows to train on still sends its zeros
+    for m in fsdp_modules(model):
+        m.set_gradient_divide_factor(1.0)  # a sum over ranks, not a mean (see the top of this file)
+        m.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
+    return model
+
+
+@contextmanager
+def gathered(model):
+    """While open, a sharded model holds whole weights (one all-gather per unit); a no-op for any other model."""
+    # A collective: every rank opens it at the same point of the step, before anything that may fail on one rank.
+    mods = fsdp_modules(model) if model is not None else []
+    for m in mods:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.reshard()
+
+
+def reduce_grads(model):
+    """Reduce-scatter (sum) the gradients the micro-batches accumulated, once per unit; inside `gathered`."""
+    # FSDP2 reduces in a unit's post-backward hook, which runs once per forward call of that unit: a count that
+    # depends on a rank's data (micro-batches, token_logprobs' one or two forwards). So the micro-batches run with
+    # gradient sync off, and here a forward of one token, the same on every rank, takes a zero gradient through
+    # every unit with sync on: each unit reduce-scatters what it accumulated, plus zeros, exactly once.
+    model.set_requires_gradient_sync(True)
+    try:
+        h = model.forward_hidden(torch.zeros(1, 1, dtype=torch.long, device=model.lm_head.weight.device))  # (1, 1, C)
+        (h.float().sum() * 0.0).backward()
+    finally:
+        model.set_requires_gradient_sync(False)
+
+
+def _whole(t, cache, keep):
+    """A DTensor's full value on CPU where keep (a collective: every rank calls it in the same order), else None."""
+    from torch.distributed.tensor import DTensor
+    if id(t) not in cache:  # a tied weight appears under two names: gathered once
+        full = t.full_tensor() if isinstance(t, DTensor) else t.detach()
+        cache[id(t)] = full.cpu() if keep else None  # one whole tensor at a time on the ranks that drop it
+    return cache[id(t)]
+
+
+@torch.no_grad()
+def full_state(model):
+    """A plain Transformer on CPU with a sharded model's whole weights (LoRA layers too) on rank 0; None elsewhere."""
+    # every rank takes part in each gather, in state_dict order; only rank 0, which writes checkpoints, keeps them
+    cache, keep = {}, dist.get_rank() == 0
+    state = {k: _whole(v, cache, keep) for k, v in model.state_dict().items()}
+    if not keep:
+        return None
+    with torch.device("meta"):
+        plain = Transformer(model.config)
+    if hasattr(model, "lora_config"):
+        c = model.lora_config
+        lora.add_lora(plain, c["r"], c["alpha"], c["dropout"], c["targets"],
+                      names={n for n, _ in lora.lora_layers(model)})
+    plain.load_state_dict(state, strict=True, assign=True)
+    if model.config.tie_word_embeddings:
+        plain.lm_head.weight = plain.model.embed_tokens.weight
+    plain.inv_freq = model.inv_freq.detach().cpu()
+    return plain
+
+
+def full_optimizer_state(opt):
+    """opt.state_dict() with every sharded moment whole on CPU, on rank 0 (None elsewhere): a run without FSDP's."""
+    cache, keep, sd = {}, dist.get_rank() == 0, opt.state_dict()
+    sd["state"] = {i: {k: _whole(v, cache, keep) if torch.is_tensor(v) else v for k, v in st.items()}
+                   for i, st in sd["state"].items()}
+    return sd if keep else None
+
+
+def load_optimizer_state(opt, sd):
+    """Load a saved optimizer state (whole tensors, as full_optimizer_state or a run without FSDP writes it)."""
+    # Each moment is cut to this rank's shard of its parameter, so a checkpoint of any world size loads here.
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = {}
+    for i, st in sd["state"].items():
+        p = params[int(i)]
+        state[i] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                    if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape else v
+                    for k, v in st.items()}
+    opt.load_state_dict({**sd, "state": state})

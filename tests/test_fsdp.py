@@ -1,0 +1,147 @@
+"""--fsdp (fsdp.py) on CPU, gloo, 2 ranks, the tiny model: a sharded step equals one process's and DDP's, its
+checkpoints resume with or without FSDP and open in transformers, a rank's failure ends both, the weights are
+all-gathered once per rollout, and bad settings are refused in one line."""
+import re
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+
+import config
+import fsdp
+from config import BadInput, TrainConfig
+from model import Transformer
+from test_distributed import assert_metric, make_setup, metrics, run
+from test_train import without_timing
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_ckpt):
+    return make_setup(tmp_path_factory, tiny_ckpt)
+
+
+def weights(d):
+    return Transformer.from_pretrained(str(d)).state_dict()
+
+
+def same_run(a, b, *, steps=(1,), atol=2e-4):
+    """Two run dirs logged the same metrics and saved the same weights (lr 1e-2: 2% of Adam's first step)."""
+    ma, mb = without_timing(metrics(a)), without_timing(metrics(b))
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]
+    for x, y in zip(ma, mb):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert_metric(k, x[k], y[k], (x["step"], k))
+    for s in steps:
+        wa, wb = weights(a / f"step-{s}"), weights(b / f"step-{s}")
+        for k in wb:
+            torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0, msg=f"step {s} {k}")
+
+
+def test_fsdp_step_equals_one_process_and_ddp_and_its_checkpoints_resume_anywhere(setup, tmp_path):
+    """Full fine-tuning with beta > 0: loss, grad norm, every metric and the weights after each step; resume."""
+    flags = ("--steps", "2", "--save-every", "1", "--keep-last", "5", "--min-lr-ratio", "1")
+    run(setup, tmp_path / "one", 1, *flags)
+    run(setup, tmp_path / "ddp", 2, *flags)
+    log = run(setup, tmp_path / "fsdp", 2, *flags, "--fsdp")
+    assert "cpu x 2 (FSDP), fp32; reference model" in log
+    m = without_timing(metrics(tmp_path / "one"))
+    assert m[0]["kl"] == 0.0 and m[1]["kl"] > 0 and m[0]["grad_norm"] > 0  # a real update, with the KL term
+    # a mean over ranks instead of a sum would halve the grad norm and the update: the reduction is a sum
+    same_run(tmp_path / "fsdp", tmp_path / "one", steps=(1, 2))
+    same_run(tmp_path / "fsdp", tmp_path / "ddp", steps=(1, 2))
+    ev = [(tmp_path / d / "eval.jsonl").read_text() for d in ("one", "fsdp")]
+    assert ev[0] == ev[1]  # the evaluation, gathered once and sharded over ranks, scores what 1 process scores
+
+    # a checkpoint written under FSDP resumes under FSDP, in one process without it, and a 1-process one under FSDP
+    for src, name, nproc, extra in (("fsdp", "fsdp-fsdp", 2, ("--fsdp",)), ("fsdp", "fsdp-one", 1, ("--no-fsdp",)),
+                                    ("one", "one-fsdp", 2, ("--fsdp",))):
+        d = tmp_path / name
+        shutil.copytree(tmp_path / src, d)
+        shutil.rmtree(d / "step-2")
+        run(setup, d, nproc, "--resume", str(d), *extra)
+        same_run(d, tmp_path / src, steps=(2,))
+
+
+@pytest.mark.parametrize("extra", [("--mu", "2"), ("--lora-rank", "4", "--lora-alpha", "8")], ids=["mu2", "lora"])
+def test_fsdp_step_equals_one_process(setup, tmp_path, extra):
+    run(setup, tmp_path / "one", 1, "--steps", "1", *extra)
+    run(setup, tmp_path / "fsdp", 2, "--steps", "1", "--fsdp", *extra)
+    if "--lora-rank" in extra:  # the frozen base is sharded, the adapters trained: compare the adapters saved
+        from safetensors.torch import load_file
+        a, b = (load_file(str(tmp_path / d / "step-1" / "adapter_model.safetensors")) for d in ("one", "fsdp"))
+        assert a.keys() == b.keys() and any(".lora_B." in k and a[k].abs().max() > 0 for k in a)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=2e-4, rtol=0, msg=k)
+        wa, wb = weights(tmp_path / "one" / "step-1" / "merged"), weights(tmp_path / "fsdp" / "step-1" / "merged")
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], atol=2e-4, rtol=0, msg=k)
+        steps = ()
+    else:
+        steps = (1,)
+    same_run(tmp_path / "fsdp", tmp_path / "one", steps=steps)
+
+
+def test_fsdp_bf16_keeps_the_dtype_policy(setup, tmp_path):
+    """bf16 autocast over fp32 shards: the reference is exact (KL exactly 0 at step 1), and the step is 1 process's."""
+    run(setup, tmp_path / "one", 1, "--steps", "1", "--dtype", "bf16")
+    log = run(setup, tmp_path / "fsdp", 2, "--steps", "1", "--dtype", "bf16", "--fsdp")
+    assert "(FSDP), bf16 autocast" in log
+    (m1,), (m2,) = without_timing(metrics(tmp_path / "one")), without_timing(metrics(tmp_path / "fsdp"))
+    assert m2["kl"] == 0.0 and m1["kl"] == 0.0 and m2["grad_norm"] > 0
+    # bf16 rounding of 2 ranks' other batch make-up: compare at bf16's resolution, not fp32's
+    for k in ("loss", "grad_norm", "reward_mean", "entropy", "len_mean"):
+        assert m2[k] == pytest.approx(m1[k], rel=2e-2, abs=1e-4), k
+
+
+def test_fsdp_checkpoint_opens_in_transformers_with_the_same_logits(setup, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    run(setup, tmp_path / "fsdp", 2, "--steps", "1", "--fsdp", "--eval-n", "0")
+    d = tmp_path / "fsdp" / "step-1"
+    ours = Transformer.from_pretrained(str(d))
+    assert (ours.state_dict()["model.norm.weight"] != weights(setup[1])["model.norm.weight"]).any()  # trained
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(d), torch_dtype=torch.float32).eval()
+    x = torch.randint(3, 300, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_fsdp_all_gathers_the_weights_once_per_rollout(setup, tmp_path):
+    """One all-gather per FSDP unit (2 blocks + the root) per rollout and per evaluation, whatever the tokens."""
+    for tokens in ("4", "12"):
+        log = run(setup, tmp_path / tokens, 2, "--steps", "1", "--fsdp", "--max-new-tokens", tokens,
+                  env_extra={"COUNT_GATHERS": "1"})
+        counts = [int(n) for n in re.findall(r"all-gathers in rollout: (\d+)", log)]
+        assert counts == [3, 3], log  # one rollout on each rank
+        assert [int(n) for n in re.findall(r"all-gathers in eval: (\d+)", log)] == [3] * 4  # 2 evaluations x 2 ranks
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"NAN_RANK": "1"}, "rank 1 of 2 failed at step 1: non-finite loss nan"),
+    ({"RAISE_RANK": "0"}, "rank 0 of 2 failed at step 1: KeyError: 'gold' (traceback above)"),
+])
+def test_fsdp_one_rank_failing_ends_every_rank_with_its_message(setup, tmp_path, env, message):
+    rc, log = run(setup, tmp_path / "x", 2, "--steps", "2", "--eval-n", "2", "--fsdp", env_extra=env, ok=False)
+    assert rc != 0
+    assert log.count("train.py: error: " + message) == 2, log
+
+
+def test_fsdp_refusals_are_one_line(setup, tmp_path, monkeypatch):
+    rc, log = run(setup, tmp_path / "one", 1, "--steps", "1", "--fsdp", ok=False)
+    assert rc != 0 and "train.py: error: --fsdp shards over torchrun's ranks" in log
+    cfg = replace(TrainConfig(), fsdp=True)
+    config.check_settings(cfg, 2)  # this torch (>= 2.9.1) is fine
+    with pytest.raises(BadInput, match="mps"):
+        config.check_settings(replace(cfg, device="mps"), 2)
+    with pytest.raises(BadInput, match="--compile"):
+        config.check_settings(replace(cfg, compile=True), 2)
+    for old in ("2.8.0+cu128", "2.9.0", "2.5.1"):
+        monkeypatch.setattr(torch, "__version__", old)
+        with pytest.raises(BadInput, match=re.escape(f"--fsdp needs torch >= 2.9.1, this is {old}") +
+                           ".*silently \\(pytorch#162338\\)"):
+            config.check_settings(cfg, 2)
+    for ok in ("2.9.1", "2.10.0a0+git", "2.13.0+cpu"):
+        monkeypatch.setattr(torch, "__version__", ok)
+        config.check_settings(cfg, 2)
+    assert fsdp.torch_version("2.10.0a0+git") == (2, 10, 0)
