@@ -7,6 +7,8 @@
     python bench.py step --model DIR                        # train.py's step time against TRL's, same shape
     python bench.py amp --model DIR                         # train.py's step: --dtype fp32 against bf16 autocast
     python bench.py lora --model DIR                        # full fine-tuning vs LoRA r=16 (time, memory); vs TRL+peft
+    python bench.py memory                                  # per-rank GiB, DDP vs --fsdp, Qwen2.5 0.5B..7B shapes
+    python bench.py fsdp-rss --model DIR                    # peak RSS per rank, 2-rank CPU run, DDP vs --fsdp
 
 The sampler table counts completion tokens only: those inside the completion mask, i.e. up to and including each
 row's first stop token (or all N when a row is truncated), the same rule for every implementation.
@@ -538,7 +540,188 @@ def cmd_lora(cfg):
     return res
 
 
-COMMANDS = {"sampler": cmd_sampler, "trl-step": cmd_trl_step, "step": cmd_step, "amp": cmd_amp, "lora": cmd_lora}
+# ----------------------------------------------------------------------------- memory per rank: DDP against --fsdp
+
+QWEN_SHAPES = ("0.5b", "1.5b", "3b", "7b")  # configs/qwen2.5-*-instruct.json: the public config.json of each
+# the defaults of train.py (TrainConfig): 16 prompts a step over all ranks, G 8, 512 new tokens, micro-batch 8 rows;
+# a GSM8K chat prompt is about 200 tokens, so 256 is assumed for the prompt
+PROMPT_TOKENS = 256
+
+
+class LiveBytes:
+    """While open, the peak of the bytes held by tensors created inside it (a dispatch mode that sees every op)."""
+    def __enter__(self):
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+        from torch.utils.weak import WeakIdKeyDictionary
+        seen, box = WeakIdKeyDictionary(), self
+        self.now = self.peak = 0
+
+        def release(n):
+            box.now -= n
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t.untyped_storage() not in seen:
+                        st = t.untyped_storage()
+                        seen[st] = n = st.nbytes()
+                        box.now += n
+                        box.peak = max(box.peak, box.now)
+                        weakref.finalize(st, release, n)  # freed: no longer held
+                return out
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def activation_bytes(shape, rows=8, prompt=32, completion=64):
+    """Bytes of one micro-batch's forward + backward (token_logprobs, bf16 autocast) at train.py's default size."""
+    # Measured with real tensors on CPU at a small size, 1 and 2 decoder layers of the shape (real widths and
+    # vocabulary): the difference is one layer's bytes per token, scaled to the default micro-batch (8 rows x
+    # (PROMPT_TOKENS + 512) tokens) and to every layer; the rest (embeddings, the chunked lm_head) scaled from
+    # `completion` rows' masked tokens to a full 1024-token logprob chunk.
+    import grpo
+    cfg = json.load(open(os.path.join(HERE, "configs", f"qwen2.5-{shape}-instruct.json")))
+    peaks = []
+    for layers in (1, 2):
+        torch.manual_seed(0)
+        m = Transformer(ModelConfig.from_dict(dict(cfg, num_hidden_layers=layers))).train()
+        ids = torch.randint(0, 1000, (rows, prompt + completion))
+        ones = torch.ones(rows, prompt + completion, dtype=torch.bool)
+        pids = ids[:1, :prompt].expand(rows, prompt)  # one prompt's G rows, as a default micro-batch holds
+        with LiveBytes() as live, torch.autocast("cpu", dtype=torch.bfloat16):
+            lp = grpo.token_logprobs(m, pids, ones[:, :prompt], ids[:, prompt:], ones[:, prompt:])
+            lp.sum().backward()
+        peaks.append(live.peak - sum(p.numel() * 4 for p in m.parameters()))  # the gradients are not activations
+        del m, lp
+    per_layer_token = (peaks[1] - peaks[0]) / (rows * (prompt + completion))
+    rest = peaks[0] - per_layer_token * rows * (prompt + completion)
+    tokens = rows * (PROMPT_TOKENS + 512)
+    return per_layer_token * tokens * cfg["num_hidden_layers"] + rest * min(rows * 512, 1024) / (rows * completion)
+
+
+def sharded_bytes(shape, world):
+    """{weights, grads, adam, ref, whole}: per-rank bytes of --fsdp on `world` ranks, read off sharded modules."""
+    # A fake process group of `world` ranks (no other process) and meta tensors (no memory): fully_shard cuts each
+    # parameter as on a real run, a gradient is made for each, and AdamW's step creates its real state, whose
+    # local (this rank's) shards are counted. world 1: no sharding, every rank holds everything (DDP).
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import fsdp
+    cfg = ModelConfig.from_dict(json.load(open(os.path.join(HERE, "configs", f"qwen2.5-{shape}-instruct.json"))))
+    with torch.device("meta"):
+        m = Transformer(cfg)
+    whole = sum(p.numel() * 4 for p in m.parameters())
+    if world > 1:
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+        fsdp.shard(m, torch.device("cpu"))
+
+    def local_bytes(ts):
+        ts = [t.to_local() if isinstance(t, DTensor) else t for t in ts]
+        return sum(t.numel() * t.element_size() for t in ts)
+    try:
+        weights = local_bytes(m.parameters())
+        for p in m.parameters():
+            p.grad = torch.zeros_like(p)
+        grads = local_bytes(p.grad for p in m.parameters())
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-6, foreach=False)
+        opt.step()
+        adam = local_bytes(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    # the reference is the same modules, sharded the same way, without gradients or optimizer state
+    return dict(weights=weights, grads=grads, adam=adam, ref=weights, whole=whole)
+
+
+def kv_bytes(shape, world):
+    """The KVCache of one rank's rollout at the defaults (16 / world prompts x G 8, prompt + 512), bf16 (CUDA)."""
+    from model import KVCache
+    cfg = ModelConfig.from_dict(json.load(open(os.path.join(HERE, "configs", f"qwen2.5-{shape}-instruct.json"))))
+    cache = KVCache(cfg, 16 // world * 8, PROMPT_TOKENS + 512, device="meta", dtype=torch.bfloat16)
+    return sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+
+
+def cmd_memory(cfg):
+    """Per-rank GiB of DDP and --fsdp for the Qwen2.5 shapes at 1, 2 and 8 ranks, and the peaks of a step."""
+    gib = 2 ** 30
+    print("per rank, GiB; full fine-tuning, beta > 0 (a reference), fp32 weights and Adam, train.py's defaults:\n"
+          "at rest = weights + grads + adam + ref (sharded with --fsdp); rollout = at rest - grads + the whole "
+          "weights (--fsdp gathers them) + KV cache; update = at rest + the whole weights (--fsdp) + whole gradients "
+          "(--fsdp accumulates them before the reduce-scatter) + activations of one micro-batch (8 rows)")
+    print(f"{'shape':>5} {'mode':>8} {'ranks':>5} {'weights':>8} {'grads':>7} {'adam':>7} {'ref':>7} {'at rest':>8} "
+          f"{'kv':>6} {'act':>6} {'rollout':>8} {'update':>8} {'peak':>7}")
+    rows = []
+    for shape in QWEN_SHAPES:
+        act = activation_bytes(shape)
+        for mode, world in (("ddp", 1), ("ddp", 8), ("fsdp", 2), ("fsdp", 8)):
+            b = sharded_bytes(shape, world if mode == "fsdp" else 1)
+            kv = kv_bytes(shape, world)
+            rest = b["weights"] + b["grads"] + b["adam"] + b["ref"]
+            gathered = b["whole"] if mode == "fsdp" else 0
+            rollout = rest - b["grads"] + gathered + kv
+            update = rest + gathered + (b["whole"] if mode == "fsdp" else 0) + act
+            r = dict(shape=shape, mode=mode, ranks=world, **b, rest=rest, kv=kv, act=act, rollout=rollout,
+                     update=update, peak=max(rollout, update))
+            rows.append(r)
+            print(f"{shape:>5} {mode:>8} {world:>5} " + " ".join(
+                f"{r[k] / gib:{w}.1f}" for k, w in (("weights", 8), ("grads", 7), ("adam", 7), ("ref", 7),
+                                                    ("rest", 8), ("kv", 6), ("act", 6), ("rollout", 8),
+                                                    ("update", 8), ("peak", 7))))
+    print("RESULT memory " + json.dumps([{k: (round(v / gib, 2) if isinstance(v, (int, float)) and k not in
+                                              ("ranks",) else v) for k, v in r.items()} for r in rows]))
+    return rows
+
+
+RSS_LAUNCHER = """
+import resource, sys
+sys.path.insert(0, {here!r})
+import train
+try:
+    train.main(sys.argv[1:])
+finally:
+    import os
+    print(f"RSS rank {{os.environ.get('RANK', '0')}}: {{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}",
+          flush=True)
+"""
+
+
+def cmd_fsdp_rss(cfg):
+    """Peak RSS per rank of a 2-rank CPU train.py run on cfg.model, without and with --fsdp (GSM8K, 2 steps)."""
+    data = os.path.join(HERE, "..", "shared", "data", "gsm8k")
+    res = {}
+    with tempfile.TemporaryDirectory() as d:
+        launcher = os.path.join(d, "launch.py")
+        open(launcher, "w").write(RSS_LAUNCHER.format(here=HERE))
+        for mode in ("ddp", "fsdp"):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", launcher,
+                   "--task", "gsm8k", "--data-dir", data, "--model", cfg.model, "--out", os.path.join(d, mode),
+                   "--steps", "2", "--prompts-per-step", "2", "--group-size", str(cfg.group_size),
+                   "--max-new-tokens", str(cfg.max_new_tokens), "--eval-n", "4", "--eval-batch", "2",
+                   "--save-every", "2", "--micro-batch", str(cfg.group_size)] + (["--fsdp"] if mode == "fsdp" else [])
+            p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+            rss = {int(r): int(b) for r, b in __import__("re").findall(r"RSS rank (\d+): (\d+)", p.stdout)}
+            if p.returncode or len(rss) != 2:
+                raise RuntimeError(f"{mode} run failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+            res[mode] = rss
+            print(f"{mode}: peak RSS rank 0 {rss[0] / 2**20:.0f} MiB, rank 1 {rss[1] / 2**20:.0f} MiB")
+    print(f"RESULT fsdp-rss ddp={[round(v / 2**20) for v in res['ddp'].values()]}MiB "
+          f"fsdp={[round(v / 2**20) for v in res['fsdp'].values()]}MiB")
+    return res
+
+
+COMMANDS = {"sampler": cmd_sampler, "trl-step": cmd_trl_step, "step": cmd_step, "amp": cmd_amp, "lora": cmd_lora,
+            "memory": cmd_memory, "fsdp-rss": cmd_fsdp_rss}
 
 
 def main(argv=None):
