@@ -685,7 +685,18 @@ def cmd_memory(cfg):
 RSS_LAUNCHER = """
 import resource, sys
 sys.path.insert(0, {here!r})
+import torch.distributed.fsdp._fully_shard._fsdp_param_group as fsdp_group
 import train
+gathers, real_gather, real_rollout = [0], fsdp_group.foreach_all_gather, train.rollout
+def counted(*a, **k):  # FSDP's all-gathers: one per unit it unshards
+    gathers[0] += 1
+    return real_gather(*a, **k)
+def rollout(*a, **k):
+    gathers[0] = 0
+    out = real_rollout(*a, **k)
+    print(f"all-gathers in rollout: {{gathers[0]}}", flush=True)
+    return out
+fsdp_group.foreach_all_gather, train.rollout = counted, rollout
 try:
     train.main(sys.argv[1:])
 finally:
@@ -697,6 +708,7 @@ finally:
 
 def cmd_fsdp_rss(cfg):
     """Peak RSS per rank of a 2-rank CPU train.py run on cfg.model, without and with --fsdp (GSM8K, 2 steps)."""
+    import re
     data = os.path.join(HERE, "..", "shared", "data", "gsm8k")
     res = {}
     with tempfile.TemporaryDirectory() as d:
@@ -710,11 +722,13 @@ def cmd_fsdp_rss(cfg):
                    "--save-every", "2", "--micro-batch", str(cfg.group_size)] + (["--fsdp"] if mode == "fsdp" else [])
             p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True,
                                env=dict(os.environ, OMP_NUM_THREADS="1"))
-            rss = {int(r): int(b) for r, b in __import__("re").findall(r"RSS rank (\d+): (\d+)", p.stdout)}
+            rss = {int(r): int(b) for r, b in re.findall(r"RSS rank (\d+): (\d+)", p.stdout)}
             if p.returncode or len(rss) != 2:
                 raise RuntimeError(f"{mode} run failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
             res[mode] = rss
-            print(f"{mode}: peak RSS rank 0 {rss[0] / 2**20:.0f} MiB, rank 1 {rss[1] / 2**20:.0f} MiB")
+            gathers = sorted(set(re.findall(r"all-gathers in rollout: (\d+)", p.stdout)))
+            print(f"{mode}: peak RSS rank 0 {rss[0] / 2**20:.0f} MiB, rank 1 {rss[1] / 2**20:.0f} MiB; all-gathers "
+                  f"per rollout {'/'.join(gathers)}")
     print(f"RESULT fsdp-rss ddp={[round(v / 2**20) for v in res['ddp'].values()]}MiB "
           f"fsdp={[round(v / 2**20) for v in res['fsdp'].values()]}MiB")
     return res

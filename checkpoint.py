@@ -303,7 +303,7 @@ def save(step, *, cfg, model, opt_state, tok_files, base_model, rank, world, log
     # step-N/ = a Hugging Face model dir (with LoRA: a PEFT adapter dir, and at the end also merged/, the merged Hugging
     # Face model) + the tokenizer + trainer_state.pt. A crash mid-write leaves only .step-N.tmp, which resume ignores;
     # older checkpoints are deleted only once the new one is complete, so there is always one to resume from.
-    # model: a plain model (with --fsdp, fsdp.full_state's whole copy on rank 0); opt_state: the optimizer's
+    # model: a plain model (with --fsdp, fsdp.plain_model's whole copy on rank 0); opt_state: the optimizer's
     # state_dict with whole tensors, the same layout with or without FSDP
     if rank == 0:
         final, tmp = os.path.join(cfg.out, f"step-{step}"), os.path.join(cfg.out, f".step-{step}.tmp")

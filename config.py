@@ -204,8 +204,8 @@ def check_settings(cfg, world):
     if not 0 <= cfg.eps_low < 1 or not (cfg.eps_high is None or cfg.eps_high >= 0):
         raise BadInput(f"--eps-low must be in [0, 1) and --eps-high >= 0, got {cfg.eps_low} and {cfg.eps_high}")
     if cfg.fsdp:
-        if world == 1:
-            raise BadInput("--fsdp shards over torchrun's ranks: launch with torchrun --nproc_per_node N (N >= 2), or "
+        if "WORLD_SIZE" not in os.environ:  # torchrun sets it; 1 rank is allowed there (a check of the code path)
+            raise BadInput("--fsdp shards over torchrun's ranks: launch with torchrun --nproc_per_node N, or "
                            "pass --no-fsdp (a run started with --fsdp keeps it on --resume unless told)")
         if cfg.device.startswith("mps"):
             raise BadInput("--fsdp with --device mps: FSDP needs a collective backend (NCCL on CUDA, gloo on CPU)")

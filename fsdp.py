@@ -6,8 +6,9 @@ moments (they follow the parameters), and the frozen reference. What is gathered
     whole rollout (a generate call, a whole game), a whole evaluation, and each forward/backward phase of a step
     (the reference's log-probs, pi_old's, one optimizer pass of the update). Inside it no collective runs, so ranks
     may run different numbers of decode steps, micro-batches or forwards; it reshards on close.
-  - The update's micro-batches accumulate whole (unsharded) gradients locally, with no reduce-scatter, and
-    `reduce_grads` then reduce-scatters each parameter group once per optimizer pass, as a sum (below).
+  - The update's micro-batches accumulate whole (unsharded) gradients locally, with no reduce-scatter (a whole fp32
+    gradient per rank until then), and `reduce_grads` then reduce-scatters each unit once per optimizer pass, as a
+    sum (below).
 Mixed precision: no MixedPrecisionPolicy. Its param_dtype casts every parameter, the norms and lm_head included,
 where train.py's dtype policy keeps fp32 weights under autocast with lm_head and log_softmax in fp32 and the
 reference exact. So the shards, the gathered weights and the reduce-scatter are fp32 (reduce dtype fp32), and bf16
@@ -18,7 +19,7 @@ factor of N), so every group's factor is set to 1.
 Parameters used outside a forward: grpo.token_logprobs multiplies by model.lm_head.weight itself, and sample.py
 calls model.logits; inside `gathered` the root's parameters (embeddings, final norm, lm_head, tied or not) are the
 whole tensors, so both read real weights, and their gradients reach the root's reduce-scatter.
-Checkpoints are written whole (`full_state`, `full_optimizer_state`): a plain Hugging Face dir and Adam's state
+Checkpoints are written whole (`whole_state`, `full_optimizer_state`): a plain Hugging Face dir and Adam's state
 keyed as without FSDP, so a checkpoint resumes with or without FSDP and at any world size.
 Needs torch >= 2.9.1 (MIN_TORCH).
 """
@@ -31,9 +32,8 @@ import torch.distributed as dist
 import lora
 from model import Transformer
 
-# torch 2.5 and 2.6: FSDP2 fails at the first forward on gloo; 2.7 and 2.8 sum gradients where they should average
-# them on gloo, silently (pytorch#162338); 2.9.1 matched one process (the issue's probe, and tests/test_fsdp.py on
-# 2.13). The NCCL path uses the same calls and is held to the same minimum.
+# The oldest torch whose FSDP2 computes a correct gradient on gloo (docs/multi-gpu.md says why, version by version);
+# the NCCL path makes the same calls and is held to the same minimum.
 MIN_TORCH = (2, 9, 1)
 
 
@@ -88,7 +88,8 @@ def shard(model, device):
 @contextmanager
 def gathered(model):
     """While open, a sharded model holds whole weights (one all-gather per unit); a no-op for any other model."""
-    # A collective: every rank opens it at the same point of the step, before anything that may fail on one rank.
+    # A collective: every rank opens it at the same point of the step. Running out of memory here (the whole
+    # weights) is not exchanged by ranks.fail_together: that rank exits, and torchrun stops the others.
     mods = fsdp_modules(model) if model is not None else []
     for m in mods:
         m.unshard()
@@ -105,31 +106,37 @@ def reduce_grads(model):
     # depends on a rank's data (micro-batches, token_logprobs' one or two forwards). So the micro-batches run with
     # gradient sync off, and here a forward of one token, the same on every rank, takes a zero gradient through
     # every unit with sync on: each unit reduce-scatters what it accumulated, plus zeros, exactly once.
+    # In eval mode, so that LoRA dropout draws no random numbers here.
+    training = model.training
     model.set_requires_gradient_sync(True)
     try:
+        model.eval()
         h = model.forward_hidden(torch.zeros(1, 1, dtype=torch.long, device=model.lm_head.weight.device))  # (1, 1, C)
         (h.float().sum() * 0.0).backward()
     finally:
         model.set_requires_gradient_sync(False)
+        model.train(training)
 
 
 def _whole(t, cache, keep):
     """A DTensor's full value on CPU where keep (a collective: every rank calls it in the same order), else None."""
     from torch.distributed.tensor import DTensor
-    if id(t) not in cache:  # a tied weight appears under two names: gathered once
-        full = t.full_tensor() if isinstance(t, DTensor) else t.detach()
-        cache[id(t)] = full.cpu() if keep else None  # one whole tensor at a time on the ranks that drop it
+    if id(t) not in cache:  # a tied weight is one Parameter under two names: gathered once
+        full = t.full_tensor() if isinstance(t, DTensor) else t
+        cache[id(t)] = full.detach().cpu() if keep else None  # one whole tensor at a time on the ranks that drop it
     return cache[id(t)]
 
 
 @torch.no_grad()
-def full_state(model):
-    """A plain Transformer on CPU with a sharded model's whole weights (LoRA layers too) on rank 0; None elsewhere."""
-    # every rank takes part in each gather, in state_dict order; only rank 0, which writes checkpoints, keeps them
+def whole_state(model):
+    """A sharded model's state dict, every tensor whole on CPU, on rank 0 (None elsewhere); every rank calls it."""
     cache, keep = {}, dist.get_rank() == 0
-    state = {k: _whole(v, cache, keep) for k, v in model.state_dict().items()}
-    if not keep:
-        return None
+    state = {k: _whole(v, cache, keep) for k, v in model.state_dict(keep_vars=True).items()}
+    return state if keep else None
+
+
+def plain_model(model, state):
+    """A plain Transformer (LoRA layers too) of a sharded model's structure holding `state` (whole_state's)."""
     with torch.device("meta"):
         plain = Transformer(model.config)
     if hasattr(model, "lora_config"):

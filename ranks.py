@@ -20,11 +20,12 @@ def world_and_rank():
     return int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
 
 
-def start_ranks(device, world, out):
+def start_ranks(device, world, out, group=False):
     """Join the process group (NCCL on CUDA, gloo on CPU); returns rank 0's run dir, which every rank then uses."""
+    # group: join it even with 1 rank (--fsdp under torchrun --nproc_per_node 1 shards over a group of one)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world == 1:
+    if world == 1 and not group:
         return out
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     shared = [out]
@@ -34,7 +35,7 @@ def start_ranks(device, world, out):
 
 def finish(world):
     """Leave the process group cleanly, so torchrun sees every rank exit 0."""
-    if world > 1:
+    if dist.is_initialized():
         # together: no rank tears down gloo while another still uses it (rank 0 writing its plot, say)
         dist.barrier()
         dist.destroy_process_group()

@@ -144,7 +144,8 @@ def packed_linears(model, rows, enable=True):
 
 def decode_step(model, tok, positions, cache):
     """One token per row through the cache: tok (N,), positions (N,) -> next-token logits (N, V) fp32."""
-    # forward_hidden, not forward (which calls it): under FSDP (fsdp.py) a nested call would reshard the root
+    # forward_hidden, not forward (which calls it): under FSDP (fsdp.py) the outer of two nested calls reshards the
+    # root after it whatever reshard_after_forward says, so each decode step would all-gather it again
     return model.logits(model.forward_hidden(tok[:, None], positions[:, None], cache=cache)[:, -1]).float()  # (N, V)
 
 

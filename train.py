@@ -12,15 +12,16 @@ train_loop() (main() calls it), whose loop shows the stages in order and nothing
   6. update         clipped surrogate - beta * k3, backward over micro-batches, optimizer step(s)   (grpo.py)
   7. log_step       one metrics.jsonl line, reduced over ranks; then eval and checkpoint on schedule
 The plumbing lives in files named for it: config.py (flags, checks, device), checkpoint.py (run dir, save,
-resume, Ctrl-C), ranks.py (torch.distributed helpers, fail_together), evaluate.py (held-out evaluation) and
-plot.py (curves). What to train on lives in tasks.py: adding a task never touches this file.
+resume, Ctrl-C), ranks.py (torch.distributed helpers, fail_together), fsdp.py (--fsdp: sharded weights, gathered
+once per rollout and per phase of a step), evaluate.py (held-out evaluation) and plot.py (curves). What to train
+on lives in tasks.py: adding a task never touches this file.
 
 Dtype policy, set here once (--dtype; measured in docs/results.md): weights, optimizer state and checkpoints are fp32.
 With bf16 (the default on CUDA; on CPU only when asked) every forward runs under bf16 autocast: sampler, token
 log-probs, reference, evaluation. Two rules keep it exact: the reference holds the policy's fp32 weights under the
 same autocast (so the KL is exactly 0 at step 1), and lm_head and log_softmax run in fp32 (bf16 logits would
 move the ratio by rounding alone). The judge (--judge), frozen and never compared with the policy, is loaded in
-bf16 under bf16.
+bf16 under bf16. --fsdp keeps this policy: fp32 shards, gathered fp32, the same autocast (fsdp.py).
 Legend: P prompts per rank per step, G group, N = P*G rows, n rows trained on, T completion time.
 """
 import json
@@ -303,10 +304,13 @@ def loss_mask(run, ro):
 @torch.no_grad()
 def reference_logprobs(run, ro):
     """5. The frozen reference's token log-probs (n, T) for the k3 KL term; None when beta == 0 or nothing to learn."""
-    mbs = micro_batches(run, ro)
-    if not mbs or run.cfg.beta == 0 or not loss_mask(run, ro).any():  # no rows, or every one cut: the KL is moot
+    if run.cfg.beta == 0:
         return None
-    with run.amp(), fsdp.gathered(run.ref if run.ref is not None else run.model):  # --fsdp: all-gathered once
+    # --fsdp: all-gathered once, on every rank (a collective) before any rank-local early return
+    with run.amp(), fsdp.gathered(run.ref if run.ref is not None else run.model):
+        mbs = micro_batches(run, ro)
+        if not mbs or not loss_mask(run, ro).any():  # no rows, or every one cut: the KL is moot
+            return None
         if run.ref is not None:
             return torch.cat([logprobs(run, run.ref, ro, sl) for sl in mbs])
         with lora.adapters_off(run.model):  # LoRA: the reference is the base model, adapters off
@@ -319,11 +323,11 @@ def old_logprobs(run, ro):
     # With mu == 1 pi_old is the policy itself, so the ratio is exp(lp - lp.detach()) == 1 with the right gradient,
     # and no extra forward is needed. The sampler's log-probs are not used as pi_old: under autocast or a
     # different batch make-up they can differ from the trainer's by rounding.
-    mbs = micro_batches(run, ro)
-    if not mbs or run.cfg.mu == 1:
+    if run.cfg.mu == 1:
         return None
-    with run.amp(), fsdp.gathered(run.model):
-        return torch.cat([logprobs(run, run.model, ro, sl) for sl in mbs])
+    with run.amp(), fsdp.gathered(run.model):  # on every rank, as above
+        mbs = micro_batches(run, ro)
+        return torch.cat([logprobs(run, run.model, ro, sl) for sl in mbs]) if mbs else None
 
 
 def observe(sums, ent, old, ro, sl):
@@ -487,12 +491,13 @@ def run_eval(run, step):
 
 def save_checkpoint(run, step):
     """step-N/ in the run dir, atomically, keeping the last --keep-last (checkpoint.py)."""
-    model, opt_state = run.model, None
-    if fsdp.is_sharded(run.model):  # every rank takes part in gathering the whole weights and Adam state to rank 0
-        model, opt_state = fsdp.full_state(run.model), fsdp.full_optimizer_state(run.opt)
+    sharded = fsdp.is_sharded(run.model)
+    if sharded:  # every rank takes part in gathering the whole weights and Adam state to rank 0 (one tensor at a time)
+        state, opt_state = fsdp.whole_state(run.model), fsdp.full_optimizer_state(run.opt)
     with fail_together(run.cfg, run.world, step):  # rank 0 writes; if that fails, every rank ends with its message
-        save(step, cfg=run.cfg, model=model, opt_state=opt_state or run.opt.state_dict(), tok_files=run.tok_files,
-             base_model=run.base_model, rank=run.rank, world=run.world, log=run.log)
+        model = fsdp.plain_model(run.model, state) if sharded and run.rank == 0 else run.model
+        save(step, cfg=run.cfg, model=model, opt_state=opt_state if sharded else run.opt.state_dict(),
+             tok_files=run.tok_files, base_model=run.base_model, rank=run.rank, world=run.world, log=run.log)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -526,7 +531,7 @@ def setup(cfg, given):
         check_resume(cfg, resumed, model_dir)
         log(f"resuming {cfg.out} from {resumed.dir} (step {resumed.step})")
     # ---- distributed: every rank has passed the same checks above, so none is left waiting here
-    cfg.out = start_ranks(device, world, cfg.out)
+    cfg.out = start_ranks(device, world, cfg.out, group=cfg.fsdp)
     torch.manual_seed(cfg.seed + rank)
     # ---- data, judge, tokenizer, policy, and (only when beta > 0) the frozen reference
     try:
@@ -542,12 +547,13 @@ def setup(cfg, given):
     # the judge first: one whose tokenizer cannot say yes/no fails before anything big loads; with bf16 it is bf16
     jm = load_judge(cfg, judge_dir, device, torch.bfloat16 if bf16 else None) if need_judge else None
     tok, tok_files, model = load_policy(cfg, resumed, model_dir, device)
+    # --fsdp: each model sharded once loaded (so at most one is whole at a time), and before the optimizer is made
+    # (Adam's moments are then born sharded)
+    model = fsdp.shard(model, device) if cfg.fsdp else model
     # the reference holds the policy's fp32 weights, under the same autocast: KL exactly 0 at step 1 (dtype policy)
     ref = load_reference(cfg, model_dir, device) if need_ref else None
+    ref = fsdp.shard(ref, device) if cfg.fsdp and ref is not None else ref
     model.gradient_checkpointing = cfg.grad_ckpt
-    if cfg.fsdp:  # before the optimizer, so that Adam's moments are born sharded (fsdp.py)
-        model = fsdp.shard(model, device)
-        ref = fsdp.shard(ref, device) if ref is not None else None
     amp = partial(torch.autocast, device.type, dtype=torch.bfloat16) if bf16 else nullcontext
     opt = None
     if not cfg.eval_only:  # with LoRA: the adapters only

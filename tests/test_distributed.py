@@ -53,21 +53,25 @@ if os.environ.get("SAMPLER_SHIFT"):  # the sampler's log-probs off by 0 .. 0.4 a
         s.ro.logprobs = s.ro.logprobs + 0.1 * (s.ro.completion_ids % 5).float()  # (N, T)
         return s
     train.rollout = shifted
-if os.environ.get("COUNT_GATHERS"):  # FSDP's all-gathers (one per unit) in each rollout and evaluation
+if os.environ.get("COUNT_GATHERS"):  # FSDP's all-gathers (one per unit) in each phase of a run, and outside them
+    import atexit
     import torch.distributed.fsdp._fully_shard._fsdp_param_group as fsdp_group
-    gathers, real_gather = [0], fsdp_group.foreach_all_gather
+    gathers, real_gather = {{"all": 0, "phases": 0}}, fsdp_group.foreach_all_gather
     def counted(*a, **k):
-        gathers[0] += 1
+        gathers["all"] += 1
         return real_gather(*a, **k)
     fsdp_group.foreach_all_gather = counted
     def counting(name, stage):
         def wrapped(*a, **k):
-            gathers[0] = 0
+            before = gathers["all"]
             out = stage(*a, **k)
-            print(f"all-gathers in {{name}}: {{gathers[0]}}", flush=True)
+            gathers["phases"] += gathers["all"] - before
+            print(f"all-gathers in {{name}}: {{gathers['all'] - before}}", flush=True)
             return out
         return wrapped
-    train.rollout, train.run_eval = counting("rollout", train.rollout), counting("eval", train.run_eval)
+    for name in ("rollout", "run_eval", "reference_logprobs", "old_logprobs", "update"):
+        setattr(train, name, counting(name, getattr(train, name)))
+    atexit.register(lambda: print(f"all-gathers outside phases: {{gathers['all'] - gathers['phases']}}", flush=True))
 train.main(sys.argv[1:])
 """
 

@@ -10,6 +10,7 @@ import torch
 
 import config
 import fsdp
+from conftest import write_checkpoint
 from config import BadInput, TrainConfig
 from model import Transformer
 from test_distributed import assert_metric, make_setup, metrics, run
@@ -19,6 +20,11 @@ from test_train import without_timing
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_ckpt):
     return make_setup(tmp_path_factory, tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory):
+    return make_setup(tmp_path_factory, write_checkpoint(str(tmp_path_factory.mktemp("untied")), "llama", tied=False))
 
 
 def weights(d):
@@ -48,7 +54,7 @@ def test_fsdp_step_equals_one_process_and_ddp_and_its_checkpoints_resume_anywher
     assert "cpu x 2 (FSDP), fp32; reference model" in log
     m = without_timing(metrics(tmp_path / "one"))
     assert m[0]["kl"] == 0.0 and m[1]["kl"] > 0 and m[0]["grad_norm"] > 0  # a real update, with the KL term
-    # a mean over ranks instead of a sum would halve the grad norm and the update: the reduction is a sum
+    # a mean over ranks instead of a sum would halve the logged grad norm (Adam would hide it in the weights)
     same_run(tmp_path / "fsdp", tmp_path / "one", steps=(1, 2))
     same_run(tmp_path / "fsdp", tmp_path / "ddp", steps=(1, 2))
     ev = [(tmp_path / d / "eval.jsonl").read_text() for d in ("one", "fsdp")]
@@ -107,14 +113,36 @@ def test_fsdp_checkpoint_opens_in_transformers_with_the_same_logits(setup, tmp_p
         torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_fsdp_all_gathers_the_weights_once_per_rollout(setup, tmp_path):
-    """One all-gather per FSDP unit (2 blocks + the root) per rollout and per evaluation, whatever the tokens."""
-    for tokens in ("4", "12"):
-        log = run(setup, tmp_path / tokens, 2, "--steps", "1", "--fsdp", "--max-new-tokens", tokens,
+def test_fsdp_all_gathers_the_weights_once_per_phase(setup, tmp_path):
+    """One all-gather per FSDP unit (2 blocks + the root) per rollout, evaluation, reference, pi_old and update pass,
+    whatever the tokens, and none outside those phases (a forward outside them would all-gather on its own)."""
+    for tokens, mu in (("4", "1"), ("12", "2")):
+        log = run(setup, tmp_path / tokens, 2, "--steps", "1", "--fsdp", "--max-new-tokens", tokens, "--mu", mu,
                   env_extra={"COUNT_GATHERS": "1"})
-        counts = [int(n) for n in re.findall(r"all-gathers in rollout: (\d+)", log)]
-        assert counts == [3, 3], log  # one rollout on each rank
-        assert [int(n) for n in re.findall(r"all-gathers in eval: (\d+)", log)] == [3] * 4  # 2 evaluations x 2 ranks
+
+        def counts(phase):
+            return [int(n) for n in re.findall(rf"all-gathers in {phase}: (\d+)", log)]
+        assert counts("rollout") == [3, 3] and counts("reference_logprobs") == [3, 3], log  # one each, on each rank
+        assert counts("run_eval") == [3] * 4  # before and after training, on each rank
+        assert counts("old_logprobs") == [0, 0] if mu == "1" else [3, 3]  # mu 1: pi_old is the policy, no forward
+        assert counts("update") == [3 * int(mu)] * 2  # once per optimizer pass
+        assert [int(n) for n in re.findall(r"all-gathers outside phases: (\d+)", log)] == [0, 0], log
+
+
+def test_fsdp_untied_lm_head_with_grad_ckpt_equals_one_process(untied, tmp_path):
+    """An untied lm_head (Qwen2.5-7B's kind) gets its gradient from outside any forward, as a tied one does."""
+    flags = ("--steps", "1", "--grad-ckpt")
+    run(untied, tmp_path / "one", 1, *flags)
+    run(untied, tmp_path / "fsdp", 2, *flags, "--fsdp")
+    same_run(tmp_path / "fsdp", tmp_path / "one")
+    head = [weights(tmp_path / d / "step-1")["lm_head.weight"] for d in ("one", "fsdp")]
+    assert (head[0] != weights(untied[1])["lm_head.weight"]).any()  # lm_head itself was trained
+
+
+def test_fsdp_eval_only_scores_what_one_process_scores(setup, tmp_path):
+    run(setup, tmp_path / "one", 1, "--eval-only")
+    run(setup, tmp_path / "fsdp", 2, "--eval-only", "--fsdp")
+    assert (tmp_path / "one" / "eval.jsonl").read_text() == (tmp_path / "fsdp" / "eval.jsonl").read_text()
 
 
 @pytest.mark.parametrize("env, message", [
@@ -130,6 +158,7 @@ def test_fsdp_one_rank_failing_ends_every_rank_with_its_message(setup, tmp_path,
 def test_fsdp_refusals_are_one_line(setup, tmp_path, monkeypatch):
     rc, log = run(setup, tmp_path / "one", 1, "--steps", "1", "--fsdp", ok=False)
     assert rc != 0 and "train.py: error: --fsdp shards over torchrun's ranks" in log
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
     cfg = replace(TrainConfig(), fsdp=True)
     config.check_settings(cfg, 2)  # this torch (>= 2.9.1) is fine
     with pytest.raises(BadInput, match="mps"):
@@ -145,3 +174,16 @@ def test_fsdp_refusals_are_one_line(setup, tmp_path, monkeypatch):
         monkeypatch.setattr(torch, "__version__", ok)
         config.check_settings(cfg, 2)
     assert fsdp.torch_version("2.10.0a0+git") == (2, 10, 0)
+
+
+def test_fsdp_whole_games_gather_once_per_rollout_and_equal_one_process(setup, tmp_path):
+    """Wordle games (play.py: a generate call a turn, turns of any length per rank) under one all-gather per unit."""
+    flags = ("--task", "wordle", "--task-opts", "mode=games,per_secret=1", "--data-dir", "", "--prompts-per-step", "2",
+             "--group-size", "3", "--max-new-tokens", "6", "--eval-n", "2", "--steps", "1")
+    run(setup, tmp_path / "one", 1, *flags)
+    log = run(setup, tmp_path / "fsdp", 2, *flags, "--fsdp", env_extra={"COUNT_GATHERS": "1"})
+    assert [int(n) for n in re.findall(r"all-gathers in rollout: (\d+)", log)] == [3, 3], log
+    (m1,), (m2,) = without_timing(metrics(tmp_path / "one")), without_timing(metrics(tmp_path / "fsdp"))
+    assert m1["len_mean"] > 6  # whole games: the model's tokens over several turns
+    for k in m1:
+        assert_metric(k, m2[k], m1[k], k)
