@@ -6,9 +6,10 @@ moments (they follow the parameters), and the frozen reference. What is gathered
     whole rollout (a generate call, a whole game), a whole evaluation, and each forward/backward phase of a step
     (the reference's log-probs, pi_old's, one optimizer pass of the update). Inside it no collective runs, so ranks
     may run different numbers of decode steps, micro-batches or forwards; it reshards on close.
-  - The update's micro-batches accumulate whole (unsharded) gradients locally, with no reduce-scatter (a whole fp32
-    gradient per rank until then), and `reduce_grads` then reduce-scatters each unit once per optimizer pass, as a
-    sum (below).
+  - Each backward of the update reduce-scatters every unit's gradient into its shards as soon as that unit's part
+    of the backward is done (FSDP2's post-backward hook), so no rank ever holds a whole gradient. The hook runs
+    once per forward call of a unit, a count that must be the same on every rank: token_logprobs always makes its
+    two forwards (fixed_forwards), and a rank with fewer micro-batches runs `zero_loss` backwards to match.
 Mixed precision: no MixedPrecisionPolicy. Its param_dtype casts every parameter, the norms and lm_head included,
 where train.py's dtype policy keeps fp32 weights under autocast with lm_head and log_softmax in fp32 and the
 reference exact. So the shards, the gathered weights and the reduce-scatter are fp32 (reduce dtype fp32), and bf16
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 import lora
+from grpo import token_logprobs
 from model import Transformer
 
 # The oldest torch whose FSDP2 computes a correct gradient on gloo (docs/multi-gpu.md says why, version by version);
@@ -77,8 +79,7 @@ def shard(model, device):
     # Whole until `gathered` closes: a reshard in the middle (after a forward or a backward) would all-gather again
     # on the next forward, a collective that ranks running different numbers of forwards would not all reach.
     model.set_reshard_after_backward(False)
-    model.set_requires_gradient_sync(False)  # micro-batches accumulate; reduce_grads reduces once
-    model.set_reduce_scatter_unused_params(True)  # a rank with no rows to train on still sends its zeros
+    model.set_reduce_scatter_unused_params(True)  # a parameter without a gradient still sends its zeros
     for m in fsdp_modules(model):
         m.set_gradient_divide_factor(1.0)  # a sum over ranks, not a mean (see the top of this file)
         m.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
@@ -100,22 +101,13 @@ def gathered(model):
             m.reshard()
 
 
-def reduce_grads(model):
-    """Reduce-scatter (sum) the gradients the micro-batches accumulated, once per unit; inside `gathered`."""
-    # FSDP2 reduces in a unit's post-backward hook, which runs once per forward call of that unit: a count that
-    # depends on a rank's data (micro-batches, token_logprobs' one or two forwards). So the micro-batches run with
-    # gradient sync off, and here a forward of one token, the same on every rank, takes a zero gradient through
-    # every unit with sync on: each unit reduce-scatters what it accumulated, plus zeros, exactly once.
-    # In eval mode, so that LoRA dropout draws no random numbers here.
-    training = model.training
-    model.set_requires_gradient_sync(True)
-    try:
-        model.eval()
-        h = model.forward_hidden(torch.zeros(1, 1, dtype=torch.long, device=model.lm_head.weight.device))  # (1, 1, C)
-        (h.float().sum() * 0.0).backward()
-    finally:
-        model.set_requires_gradient_sync(False)
-        model.train(training)
+def zero_loss(model):
+    """A loss of exactly 0 with a gradient path through every unit, in the update's two forwards (token_logprobs)."""
+    # A rank with fewer micro-batches than another runs these, so that every rank's backwards reduce-scatter the
+    # same units the same number of times.
+    dev = model.lm_head.weight.device
+    ids, real = torch.zeros(1, 1, dtype=torch.long, device=dev), torch.ones(1, 1, dtype=torch.bool, device=dev)
+    return token_logprobs(model, ids, real, ids, real, fixed_forwards=True).sum() * 0.0
 
 
 def _whole(t, cache, keep):

@@ -146,7 +146,7 @@ def spread(x, slots, c):
 
 
 def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0, chunk=1024,
-                   share_prompt=True, entropy=False):
+                   share_prompt=True, entropy=False, fixed_forwards=False):
     """Log-prob of each completion token under `model` at `temperature`: (N, T) fp32, 0 outside completion_mask."""
     # With entropy, returns (log-probs, entropies) where entropies (N, T) are of the whole next-token distribution
     # at each completion position (no gradient), computed in the same chunks, so no (N, T, V) tensor exists.
@@ -157,6 +157,9 @@ def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_ma
     # prompt's last hidden state predicts completion token 0, and completion positions 0..T-2 predict tokens
     # 1..T-1, at the positions and under the mask that the full forward gives them. Same values and gradients (up
     # to float rounding).
+    # fixed_forwards: always the two forwards (the distinct prompts, then the completions), whatever the rows share
+    # and however long the completions, so that a sharded model (fsdp.py) reduces its gradients in the same
+    # collectives on every rank; the values and gradients are the same.
     # lm_head and log_softmax run only at masked completion positions, `chunk` tokens at a time. Under autograd
     # each chunk is checkpointed, so backward recomputes its (chunk, V) logits instead of keeping all of them:
     # peak memory scales with chunk, not T*V.
@@ -165,17 +168,20 @@ def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_ma
     # completion positions after a row's stop are attended by nobody before them (causal), so they can be "real"
     attn = torch.cat([prompt_mask, torch.ones_like(completion_mask)], 1)  # (N, Tp+T)
     first, inv = distinct_prompts(prompt_ids, prompt_mask) if share_prompt and N > 1 else (None, None)
-    if first is None or len(first) == N:  # nothing shared: one forward over prompt + completion
+    if fixed_forwards and first is None:
+        first = inv = torch.arange(N, device=prompt_ids.device)  # (N,) each row its own prompt
+    if not fixed_forwards and (first is None or len(first) == N):  # nothing shared: one forward of prompt + completion
         ids = torch.cat([prompt_ids, completion_ids], 1)  # (N, Tp+T)
         h = model.forward_hidden(ids, attn_mask=attn)[:, Tp - 1:-1]  # (N, T, C): position t-1 predicts token t
     else:
         hp, kv = model.forward_hidden(prompt_ids[first], attn_mask=prompt_mask[first], return_kv=True)  # (U, Tp, C)
         slots, c = shared_slots(inv)
         h = spread(hp[:, -1:], slots, c)  # (N, 1, C): the prompt's last position predicts completion token 0
-        if T > 1:
+        if T > 1 or fixed_forwards:
             past = [(spread(k, slots, c), spread(v, slots, c)) for k, v in kv]  # L x 2 x (N, K, Tp, D)
-            hc = model.forward_hidden(completion_ids[:, :-1], attn_mask=attn[:, :-1], past=past)  # (N, T-1, C)
-            h = torch.cat([h, hc], 1)  # (N, T, C)
+            Tc = max(T - 1, 1)  # with fixed_forwards and T == 1 a forward whose output is cut off below
+            hc = model.forward_hidden(completion_ids[:, :Tc], attn_mask=attn[:, :Tp + Tc], past=past)  # (N, Tc, C)
+            h = torch.cat([h, hc], 1)  # (N, 1+Tc, C)
         h = h[:, :T]  # (N, T, C): T == 0 keeps no column
     hm, target = h[completion_mask], completion_ids[completion_mask]  # (M, C), (M,)
     w, temp = model.lm_head.weight, temperature or 1.0

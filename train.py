@@ -292,8 +292,10 @@ def micro_batches(run, ro):
 
 def logprobs(run, m, ro, sl, entropy=False):
     """Token log-probs (rows, T) of the completions under model m at the sampling temperature (and entropies)."""
+    # --fsdp: the same two forwards on every rank, whatever its rows, so its backward's reduce-scatters match theirs
     return token_logprobs(m, ro.prompt_ids[sl], ro.prompt_mask[sl], ro.completion_ids[sl], ro.completion_mask[sl],
-                          temperature=run.cfg.temperature, chunk=run.cfg.logprob_chunk, entropy=entropy)
+                          temperature=run.cfg.temperature, chunk=run.cfg.logprob_chunk, entropy=entropy,
+                          fixed_forwards=fsdp.is_sharded(m))
 
 
 def loss_mask(run, ro):
@@ -343,10 +345,8 @@ def observe(sums, ent, old, ro, sl):
 
 
 def reduce_grads(run):
-    """Sum the gradients over ranks: an all_reduce of each (DDP), or with --fsdp a reduce-scatter into the shards."""
-    if fsdp.is_sharded(run.model):
-        fsdp.reduce_grads(run.model)
-    else:
+    """Sum the gradients over ranks (DDP: an all_reduce each); with --fsdp every backward already reduce-scattered."""
+    if not fsdp.is_sharded(run.model):
         sum_grads(trainable(run.model), run.world)
 
 
@@ -376,36 +376,45 @@ def update(run, step, *, ro, adv, ref_lp, old_lp):
     model.train()
     sums = dict.fromkeys(("loss", "kl", "ratio", "clip_low", "clip_high", "tokens", "entropy", "mm_abs", "mm_out",
                           "mm_max", "sampled_tokens"), 0.0)
+    # --fsdp: each backward reduce-scatters every unit's gradient (a collective), so every rank runs as many as the
+    # busiest one, the extra ones (None) on a zero loss; each forward's failure is exchanged before its backward
+    sharded = fsdp.is_sharded(model)
+    pad = int(all_max([float(len(mbs))], run.world)[0]) - len(mbs) if sharded else 0
     for pass_ in range(cfg.mu):
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        # --fsdp: whole weights for the pass, and no collective until reduce_grads (fsdp.py)
-        with fsdp.gathered(model):
-            with fail_together(cfg, run.world, step):  # a rank that fails here tells the others before they reduce
-                for sl in mbs:
-                    with run.amp():  # on the first pass also the entropy (a softmax per chunk, for a metric)
-                        lp, ent = logprobs(run, model, ro, sl, entropy=True) if pass_ == 0 else \
-                            (logprobs(run, model, ro, sl), None)
-                    old = lp.detach() if old_lp is None else old_lp[sl]  # the trainer's pi_old
-                    if pass_ == 0:
-                        observe(sums, ent, old, ro, sl)
-                    w = tis_weights(old, ro.logprobs[sl], mask[sl], cfg.tis_cap) if cfg.tis_cap else None
-                    loss, st = grpo_loss(lp, old, adv[sl], mask[sl], normalizer=norm, loss_type=cfg.loss_type,
-                                         ref_logp=None if ref_lp is None else ref_lp[sl],
-                                         beta=0.0 if ref_lp is None else cfg.beta,  # None: no token to learn from
-                                         eps_low=cfg.eps_low, eps_high=cfg.eps_high, ratio_level=cfg.ratio_level,
-                                         is_weight=w)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"non-finite loss {loss.item()} at step {step}: {st}; advantages [{adv.min().item():.3g}, "
-                            f"{adv.max().item():.3g}]; {last_checkpoint(cfg)}")
+        with fsdp.gathered(model):  # --fsdp: whole weights for the pass (fsdp.py)
+            for sl in mbs + [None] * pad:
+                with fail_together(cfg, run.world, step):  # a rank that fails here tells the others before they reduce
+                    if sl is None:
+                        loss = fsdp.zero_loss(model)
+                    else:
+                        with run.amp():  # on the first pass also the entropy (a softmax per chunk, for a metric)
+                            lp, ent = logprobs(run, model, ro, sl, entropy=True) if pass_ == 0 else \
+                                (logprobs(run, model, ro, sl), None)
+                        old = lp.detach() if old_lp is None else old_lp[sl]  # the trainer's pi_old
+                        if pass_ == 0:
+                            observe(sums, ent, old, ro, sl)
+                        w = tis_weights(old, ro.logprobs[sl], mask[sl], cfg.tis_cap) if cfg.tis_cap else None
+                        loss, st = grpo_loss(lp, old, adv[sl], mask[sl], normalizer=norm, loss_type=cfg.loss_type,
+                                             ref_logp=None if ref_lp is None else ref_lp[sl],
+                                             beta=0.0 if ref_lp is None else cfg.beta,  # None: no token to learn from
+                                             eps_low=cfg.eps_low, eps_high=cfg.eps_high, ratio_level=cfg.ratio_level,
+                                             is_weight=w)
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(
+                                f"non-finite loss {loss.item()} at step {step}: {st}; advantages "
+                                f"[{adv.min().item():.3g}, {adv.max().item():.3g}]; {last_checkpoint(cfg)}")
+                        sums["loss"] += loss.item()
+                        for k in ("kl", "ratio", "clip_low", "clip_high"):
+                            sums[k] += st[k] * st["tokens"]  # token-weighted, so the logged means are per token
+                        sums["tokens"] += st["tokens"]
+                    if not sharded:  # DDP's backward is local: a failure in it is exchanged as well
+                        loss.backward()
+                if sharded:  # every rank reaches it: its reduce-scatters pair with the other ranks'
                     loss.backward()
-                    sums["loss"] += loss.item()
-                    for k in ("kl", "ratio", "clip_low", "clip_high"):
-                        sums[k] += st[k] * st["tokens"]  # token-weighted, so the logged means are per token
-                    sums["tokens"] += st["tokens"]
-            reduce_grads(run)  # summed over ranks, not averaged: each rank's loss has the global normaliser
+        reduce_grads(run)  # summed over ranks, not averaged: each rank's loss has the global normaliser
         with fail_together(cfg, run.world, step):  # Adam's first step allocates its state: a likely place for OOM
             gn = torch.nn.utils.clip_grad_norm_(trainable(model), cfg.grad_clip or float("inf"))
             gn = gn.full_tensor() if isinstance(gn, DTensor) else gn  # --fsdp: a norm over every rank's shards

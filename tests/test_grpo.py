@@ -907,10 +907,10 @@ def test_shared_prompt_gradients_are_the_same_bits_every_time():
         torch.set_num_threads(n)
 
 
-def logprobs_and_grads(model, args, share_prompt, temperature=0.8, chunk=5):
+def logprobs_and_grads(model, args, share_prompt, temperature=0.8, chunk=5, **kw):
     """token_logprobs, and every parameter's gradient of a random weighting of it (so each token counts)."""
     model.zero_grad(set_to_none=True)
-    lp = grpo.token_logprobs(model, *args, temperature, chunk, share_prompt=share_prompt)
+    lp = grpo.token_logprobs(model, *args, temperature, chunk, share_prompt=share_prompt, **kw)
     weights = torch.randn(lp.shape, generator=torch.Generator().manual_seed(11))
     (lp * weights).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -980,6 +980,29 @@ def test_each_distinct_prompt_is_forwarded_once(T):
     assert shared == P * Tp + N * (T - 1)  # the last completion token predicts nothing, so it is not forwarded
     torch.testing.assert_close(grpo.token_logprobs(model, *args).detach(),
                                grpo.token_logprobs(model, *args, share_prompt=False).detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prompt_lens, G, T", [([7, 3, 5], 4, 6), ([7, 3, 5], 4, 1), ([4] * 5, 1, 3), ([6], 1, 1)],
+                         ids=["shared", "shared-T1", "distinct", "one-row-T1"])
+def test_fixed_forwards_are_always_two_with_the_same_values_and_gradients(prompt_lens, G, T):
+    """fixed_forwards (fsdp.py's update): the prompts' forward and the completions' forward, whatever the rows share
+    and however long the completions, with the log-probs and gradients of the default path."""
+    model = random_model("qwen2", tied=False).train()
+    N = len(prompt_lens) * G
+    args = grouped_rollout(model.config.vocab_size, prompt_lens, G, [T] * N, T, seed=3)[:4]
+    calls = []
+    handle = model.model.embed_tokens.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[1]))
+    try:
+        got, got_g = logprobs_and_grads(model, args, share_prompt=True, fixed_forwards=True)
+    finally:
+        handle.remove()
+    assert len(calls) == 2 and calls[1] == max(T - 1, 1)  # prompts, then completions (one token when T is 1)
+    want, want_g = logprobs_and_grads(model, args, share_prompt=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert want_g.keys() == got_g.keys() == {n for n, _ in model.named_parameters()}
+    for n in want_g:
+        scale = want_g[n].abs().max().clamp(min=1e-3)
+        torch.testing.assert_close(got_g[n] / scale, want_g[n] / scale, atol=1e-5, rtol=0, msg=n)
 
 
 def test_shared_prompt_under_bf16_autocast():
