@@ -581,7 +581,7 @@ class LiveBytes:
         self.mode.__exit__(*exc)
 
 
-def activation_bytes(shape, rows=8, prompt=32, completion=64):
+def activation_bytes(shape, ckpt=False, rows=8, prompt=32, completion=64):
     """Bytes of one micro-batch's forward + backward (token_logprobs, bf16 autocast) at train.py's default size."""
     # Measured with real tensors on CPU at a small size, 1 and 2 decoder layers of the shape (real widths and
     # vocabulary): the difference is one layer's bytes per token, scaled to the default micro-batch (8 rows x
@@ -593,6 +593,7 @@ def activation_bytes(shape, rows=8, prompt=32, completion=64):
     for layers in (1, 2):
         torch.manual_seed(0)
         m = Transformer(ModelConfig.from_dict(dict(cfg, num_hidden_layers=layers))).train()
+        m.gradient_checkpointing = ckpt  # --grad-ckpt: each block's activations recomputed in backward
         ids = torch.randint(0, 1000, (rows, prompt + completion))
         ones = torch.ones(rows, prompt + completion, dtype=torch.bool)
         pids = ids[:1, :prompt].expand(rows, prompt)  # one prompt's G rows, as a default micro-batch holds
@@ -621,6 +622,10 @@ def sharded_bytes(shape, world):
     with torch.device("meta"):
         m = Transformer(cfg)
     whole = sum(p.numel() * 4 for p in m.parameters())
+    # whole gradients that --fsdp's update holds at once: the root unit's (embeddings, lm_head), reduced at the end of
+    # each backward, and one block's, reduced as soon as its part of the backward is done
+    unit_grads = sum(p.numel() * 4 for n, p in m.named_parameters() if not n.startswith("model.layers.")) + \
+        sum(p.numel() * 4 for p in m.model.layers[0].parameters())
     if world > 1:
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
         fsdp.shard(m, torch.device("cpu"))
@@ -640,7 +645,7 @@ def sharded_bytes(shape, world):
         if world > 1:
             dist.destroy_process_group()
     # the reference is the same modules, sharded the same way, without gradients or optimizer state
-    return dict(weights=weights, grads=grads, adam=adam, ref=weights, whole=whole)
+    return dict(weights=weights, grads=grads, adam=adam, ref=weights, whole=whole, unit_grads=unit_grads)
 
 
 def kv_bytes(shape, world):
@@ -656,29 +661,33 @@ def cmd_memory(cfg):
     gib = 2 ** 30
     print("per rank, GiB; full fine-tuning, beta > 0 (a reference), fp32 weights and Adam, train.py's defaults:\n"
           "at rest = weights + grads + adam + ref (sharded with --fsdp); rollout = at rest - grads + the whole "
-          "weights (--fsdp gathers them) + KV cache; update = at rest + the whole weights (--fsdp) + whole gradients "
-          "(--fsdp accumulates them before the reduce-scatter) + activations of one micro-batch (8 rows)")
-    print(f"{'shape':>5} {'mode':>8} {'ranks':>5} {'weights':>8} {'grads':>7} {'adam':>7} {'ref':>7} {'at rest':>8} "
-          f"{'kv':>6} {'act':>6} {'rollout':>8} {'update':>8} {'peak':>7}")
+          "weights (--fsdp gathers them) + KV cache; update = at rest + gather (--fsdp: the whole weights and the "
+          "whole gradients of the root unit and one block) + activations of one micro-batch (8 rows), without and "
+          "with --grad-ckpt")
+    print(f"{'shape':>5} {'mode':>5} {'ranks':>5} {'weights':>8} {'grads':>6} {'adam':>6} {'ref':>6} {'at rest':>8} "
+          f"{'gather':>6} {'kv':>5} {'act':>6} {'act ck':>6} {'rollout':>8} {'update':>7} {'upd ck':>7} "
+          f"{'peak':>6} {'peak ck':>7}")
     rows = []
     for shape in QWEN_SHAPES:
-        act = activation_bytes(shape)
+        act, act_ck = activation_bytes(shape), activation_bytes(shape, ckpt=True)
         for mode, world in (("ddp", 1), ("ddp", 8), ("fsdp", 2), ("fsdp", 8)):
             b = sharded_bytes(shape, world if mode == "fsdp" else 1)
             kv = kv_bytes(shape, world)
             rest = b["weights"] + b["grads"] + b["adam"] + b["ref"]
-            gathered = b["whole"] if mode == "fsdp" else 0
-            rollout = rest - b["grads"] + gathered + kv
-            update = rest + gathered + (b["whole"] if mode == "fsdp" else 0) + act
-            r = dict(shape=shape, mode=mode, ranks=world, **b, rest=rest, kv=kv, act=act, rollout=rollout,
-                     update=update, peak=max(rollout, update))
+            gather = b["whole"] + b["unit_grads"] if mode == "fsdp" else 0  # whole weights + the units' grads
+            rollout = rest - b["grads"] + b["whole"] * (mode == "fsdp") + kv
+            update, update_ck = rest + gather + act, rest + gather + act_ck
+            r = dict(shape=shape, mode=mode, ranks=world, **b, rest=rest, gather=gather, kv=kv, act=act,
+                     act_ck=act_ck, rollout=rollout, update=update, update_ck=update_ck, peak=max(rollout, update),
+                     peak_ck=max(rollout, update_ck))
             rows.append(r)
-            print(f"{shape:>5} {mode:>8} {world:>5} " + " ".join(
-                f"{r[k] / gib:{w}.1f}" for k, w in (("weights", 8), ("grads", 7), ("adam", 7), ("ref", 7),
-                                                    ("rest", 8), ("kv", 6), ("act", 6), ("rollout", 8),
-                                                    ("update", 8), ("peak", 7))))
-    print("RESULT memory " + json.dumps([{k: (round(v / gib, 2) if isinstance(v, (int, float)) and k not in
-                                              ("ranks",) else v) for k, v in r.items()} for r in rows]))
+            print(f"{shape:>5} {mode:>5} {world:>5} " + " ".join(
+                f"{r[k] / gib:{w}.1f}" for k, w in (("weights", 8), ("grads", 6), ("adam", 6), ("ref", 6),
+                                                    ("rest", 8), ("gather", 6), ("kv", 5), ("act", 6),
+                                                    ("act_ck", 6), ("rollout", 8), ("update", 7),
+                                                    ("update_ck", 7), ("peak", 6), ("peak_ck", 7))))
+    print("RESULT memory " + json.dumps([{k: (round(v / gib, 2) if isinstance(v, (int, float)) and k != "ranks"
+                                              else v) for k, v in r.items()} for r in rows]))
     return rows
 
 

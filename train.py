@@ -377,16 +377,20 @@ def update(run, step, *, ro, adv, ref_lp, old_lp):
     sums = dict.fromkeys(("loss", "kl", "ratio", "clip_low", "clip_high", "tokens", "entropy", "mm_abs", "mm_out",
                           "mm_max", "sampled_tokens"), 0.0)
     # --fsdp: each backward reduce-scatters every unit's gradient (a collective), so every rank runs as many as the
-    # busiest one, the extra ones (None) on a zero loss; each forward's failure is exchanged before its backward
+    # busiest one, the extra ones (None) on a zero loss, and a failure is exchanged before each backward; without
+    # FSDP the backward is local and one exchange ends the pass, after every backward (the ranks' micro-batch counts
+    # may differ)
     sharded = fsdp.is_sharded(model)
     pad = int(all_max([float(len(mbs))], run.world)[0]) - len(mbs) if sharded else 0
+    exchange = partial(fail_together, cfg, run.world, step)  # a rank that fails tells the others before they reduce
+    pass_guard, micro_guard = (nullcontext, exchange) if sharded else (exchange, nullcontext)
     for pass_ in range(cfg.mu):
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        with fsdp.gathered(model):  # --fsdp: whole weights for the pass (fsdp.py)
+        with fsdp.gathered(model), pass_guard():  # --fsdp: whole weights for the pass (fsdp.py)
             for sl in mbs + [None] * pad:
-                with fail_together(cfg, run.world, step):  # a rank that fails here tells the others before they reduce
+                with micro_guard():
                     if sl is None:
                         loss = fsdp.zero_loss(model)
                     else:
@@ -410,10 +414,7 @@ def update(run, step, *, ro, adv, ref_lp, old_lp):
                         for k in ("kl", "ratio", "clip_low", "clip_high"):
                             sums[k] += st[k] * st["tokens"]  # token-weighted, so the logged means are per token
                         sums["tokens"] += st["tokens"]
-                    if not sharded:  # DDP's backward is local: a failure in it is exchanged as well
-                        loss.backward()
-                if sharded:  # every rank reaches it: its reduce-scatters pair with the other ranks'
-                    loss.backward()
+                loss.backward()
         reduce_grads(run)  # summed over ranks, not averaged: each rank's loss has the global normaliser
         with fail_together(cfg, run.world, step):  # Adam's first step allocates its state: a likely place for OOM
             gn = torch.nn.utils.clip_grad_norm_(trainable(model), cfg.grad_clip or float("inf"))
