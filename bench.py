@@ -581,31 +581,51 @@ class LiveBytes:
         self.mode.__exit__(*exc)
 
 
-def activation_bytes(shape, ckpt=False, rows=8, prompt=32, completion=64):
-    """Bytes of one micro-batch's forward + backward (token_logprobs, bf16 autocast) at train.py's default size."""
-    # Measured with real tensors on CPU at a small size, 1 and 2 decoder layers of the shape (real widths and
-    # vocabulary): the difference is one layer's bytes per token, scaled to the default micro-batch (8 rows x
-    # (PROMPT_TOKENS + 512) tokens) and to every layer; the rest (embeddings, the chunked lm_head) scaled from
-    # `completion` rows' masked tokens to a full 1024-token logprob chunk.
+def activation_bytes(shape, rows=2, prompt=16, completions=(32, 64)):
+    """(without, with --grad-ckpt) bytes one micro-batch's forward keeps for its backward, at the default size."""
+    # Measured, not typed in: the live tensors (LiveBytes) at the end of token_logprobs' forward under bf16 autocast,
+    # with real tensors on CPU, then scaled.
+    # - The decoder: 1 and 2 layers of the shape (its widths, a 1000-token vocabulary) at two completion lengths,
+    #   fitted as live = t (L a + b) + L c + d for t tokens and L layers: a and b are per token (per layer, and
+    #   outside the layers), c per layer whatever the tokens (autocast's bf16 copy of its weights).
+    # - Backward adds one logprob chunk's logits, recomputed at the real vocabulary (fp32: the dtype policy): the
+    #   growth of its peak from 32 to 64 rows, times 1024 / 32 (its tensors are rows x V), as train.py's 1024-token
+    #   chunks run one at a time; with --grad-ckpt also one block's activations, recomputed.
+    # At the default micro-batch: t = 8 rows x (PROMPT_TOKENS + 512) tokens, all the shape's layers.
     import grpo
     cfg = json.load(open(os.path.join(HERE, "configs", f"qwen2.5-{shape}-instruct.json")))
+    w = torch.randn(cfg["vocab_size"], cfg["hidden_size"], requires_grad=True)
     peaks = []
-    for layers in (1, 2):
-        torch.manual_seed(0)
-        m = Transformer(ModelConfig.from_dict(dict(cfg, num_hidden_layers=layers))).train()
-        m.gradient_checkpointing = ckpt  # --grad-ckpt: each block's activations recomputed in backward
-        ids = torch.randint(0, 1000, (rows, prompt + completion))
-        ones = torch.ones(rows, prompt + completion, dtype=torch.bool)
-        pids = ids[:1, :prompt].expand(rows, prompt)  # one prompt's G rows, as a default micro-batch holds
-        with LiveBytes() as live, torch.autocast("cpu", dtype=torch.bfloat16):
-            lp = grpo.token_logprobs(m, pids, ones[:, :prompt], ids[:, prompt:], ones[:, prompt:])
-            lp.sum().backward()
-        peaks.append(live.peak - sum(p.numel() * 4 for p in m.parameters()))  # the gradients are not activations
-        del m, lp
-    per_layer_token = (peaks[1] - peaks[0]) / (rows * (prompt + completion))
-    rest = peaks[0] - per_layer_token * rows * (prompt + completion)
-    tokens = rows * (PROMPT_TOKENS + 512)
-    return per_layer_token * tokens * cfg["num_hidden_layers"] + rest * min(rows * 512, 1024) / (rows * completion)
+    for n in (32, 64):
+        h = torch.randn(n, cfg["hidden_size"], requires_grad=True)
+        with LiveBytes() as live:
+            grpo._chunk_logprobs(h, w, torch.randint(0, 1000, (n,)), 1.0, entropy=True)[0].sum().backward()
+        peaks.append(live.peak)
+        w.grad = None
+    chunk = (peaks[1] - peaks[0]) / 32 * 1024  # the part that grows with rows (the weight's gradient does not)
+    L, t = cfg["num_hidden_layers"], 8 * (PROMPT_TOKENS + 512)
+    out = []
+    for ckpt in (False, True):
+        live_at = {}
+        for layers in (1, 2):
+            torch.manual_seed(0)
+            m = Transformer(ModelConfig.from_dict(dict(cfg, num_hidden_layers=layers, vocab_size=1000))).train()
+            m.gradient_checkpointing = ckpt  # --grad-ckpt: each block's activations recomputed in backward
+            for comp in completions:
+                ids = torch.randint(0, 1000, (rows, prompt + comp))
+                ones = torch.ones(rows, prompt + comp, dtype=torch.bool)
+                pids = ids[:1, :prompt].expand(rows, prompt)  # one prompt's G rows, as a default micro-batch holds
+                with LiveBytes() as live, torch.autocast("cpu", dtype=torch.bfloat16):
+                    lp = grpo.token_logprobs(m, pids, ones[:, :prompt], ids[:, prompt:], ones[:, prompt:])
+                    live_at[layers, comp] = live.now
+                del lp
+        t1, t2 = (rows * (prompt + c) for c in completions)
+        slope = {k: (live_at[k, completions[1]] - live_at[k, completions[0]]) / (t2 - t1) for k in (1, 2)}  # L a + b
+        a, b = slope[2] - slope[1], 2 * slope[1] - slope[2]
+        c = live_at[2, completions[0]] - live_at[1, completions[0]] - a * t1
+        out.append(t * (L * a + b) + L * c + chunk)
+    per_block = (out[0] - chunk) / L  # roughly one block's share without checkpointing, recomputed in backward
+    return out[0], out[1] + per_block
 
 
 def sharded_bytes(shape, world):
@@ -669,7 +689,7 @@ def cmd_memory(cfg):
           f"{'peak':>6} {'peak ck':>7}")
     rows = []
     for shape in QWEN_SHAPES:
-        act, act_ck = activation_bytes(shape), activation_bytes(shape, ckpt=True)
+        act, act_ck = activation_bytes(shape)
         for mode, world in (("ddp", 1), ("ddp", 8), ("fsdp", 2), ("fsdp", 8)):
             b = sharded_bytes(shape, world if mode == "fsdp" else 1)
             kv = kv_bytes(shape, world)
