@@ -4,19 +4,21 @@ What is sharded, 1/N per rank between steps: the fp32 weights, their gradients (
 moments (they follow the parameters), and the frozen reference. What is gathered, and when:
   - `gathered(model)` all-gathers every block and the root once, and keeps them whole until it closes: around a
     whole rollout (a generate call, a whole game), a whole evaluation, and each forward/backward phase of a step
-    (the reference's log-probs, pi_old's, one optimizer pass of the update). Inside it no collective runs, so ranks
-    may run different numbers of decode steps, micro-batches or forwards; it reshards on close.
+    (the reference's log-probs, pi_old's, one optimizer pass of the update). Inside it FSDP all-gathers nothing
+    more, so ranks may run different numbers of decode steps or forwards (the update's are matched: below); it
+    reshards on close. The cost: one whole fp32 copy of the weights per rank while it is open.
   - Each backward of the update reduce-scatters every unit's gradient into its shards as soon as that unit's part
-    of the backward is done (FSDP2's post-backward hook), so no rank ever holds a whole gradient. The hook runs
-    once per forward call of a unit, a count that must be the same on every rank: token_logprobs always makes its
-    two forwards (fixed_forwards), and a rank with fewer micro-batches runs `zero_loss` backwards to match.
+    of the backward is done (FSDP2's post-backward hook), so a rank holds whole gradients only for the root unit
+    and the block being reduced. The hook runs once per forward call of a unit, a count that must be the same on
+    every rank: token_logprobs always makes its two forwards (fixed_forwards), and a rank with fewer
+    micro-batches runs `zero_loss` backwards to match.
 Mixed precision: no MixedPrecisionPolicy. Its param_dtype casts every parameter, the norms and lm_head included,
 where train.py's dtype policy keeps fp32 weights under autocast with lm_head and log_softmax in fp32 and the
 reference exact. So the shards, the gathered weights and the reduce-scatter are fp32 (reduce dtype fp32), and bf16
 is the same autocast as without FSDP: the policy's two exactness rules hold as they do there (tests/test_fsdp.py).
 Gradient scale: each rank's loss already carries the global normaliser (grpo.loss_normalizer), so the gradient
 of the batch is the sum over ranks, as the DDP path's all_reduce sums; FSDP2 averages by default (a divide
-factor of N), so every group's factor is set to 1.
+factor of N), so every unit's factor is set to 1.
 Parameters used outside a forward: grpo.token_logprobs multiplies by model.lm_head.weight itself, and sample.py
 calls model.logits; inside `gathered` the root's parameters (embeddings, final norm, lm_head, tied or not) are the
 whole tensors, so both read real weights, and their gradients reach the root's reduce-scatter.
@@ -77,7 +79,8 @@ def shard(model, device):
     # forward_hidden's keys/values are views (a transpose); nothing writes to them in place, which is what it warns of
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     # Whole until `gathered` closes: a reshard in the middle (after a forward or a backward) would all-gather again
-    # on the next forward, a collective that ranks running different numbers of forwards would not all reach.
+    # on the next forward or backward, a collective that ranks running different numbers of forwards would not all
+    # reach.
     model.set_reshard_after_backward(False)
     model.set_reduce_scatter_unused_params(True)  # a parameter without a gradient still sends its zeros
     for m in fsdp_modules(model):
@@ -108,6 +111,12 @@ def zero_loss(model):
     dev = model.lm_head.weight.device
     ids, real = torch.zeros(1, 1, dtype=torch.long, device=dev), torch.ones(1, 1, dtype=torch.bool, device=dev)
     return token_logprobs(model, ids, real, ids, real, fixed_forwards=True).sum() * 0.0
+
+
+def whole(t):
+    """A DTensor's full value (a collective), e.g. a grad norm over every rank's shards; any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _whole(t, cache, keep):

@@ -34,7 +34,6 @@ from functools import partial
 
 import numpy as np
 import torch
-from torch.distributed.tensor import DTensor
 
 import fsdp
 import judge
@@ -358,6 +357,29 @@ class Updated:
     lr: float
 
 
+def micro_batch_loss(run, step, sl, *, ro, adv, mask, norm, ref_lp, old_lp, first_pass, sums):
+    """One micro-batch's share of the loss (the caller runs its backward); adds its numbers to the step's sums."""
+    cfg, model = run.cfg, run.model
+    with run.amp():  # on the first pass also the entropy (a softmax per chunk, for a metric)
+        lp, ent = logprobs(run, model, ro, sl, entropy=True) if first_pass else (logprobs(run, model, ro, sl), None)
+    old = lp.detach() if old_lp is None else old_lp[sl]  # the trainer's pi_old
+    if first_pass:
+        observe(sums, ent, old, ro, sl)
+    w = tis_weights(old, ro.logprobs[sl], mask[sl], cfg.tis_cap) if cfg.tis_cap else None
+    loss, st = grpo_loss(lp, old, adv[sl], mask[sl], normalizer=norm, loss_type=cfg.loss_type,
+                         ref_logp=None if ref_lp is None else ref_lp[sl],
+                         beta=0.0 if ref_lp is None else cfg.beta,  # None: no token to learn from
+                         eps_low=cfg.eps_low, eps_high=cfg.eps_high, ratio_level=cfg.ratio_level, is_weight=w)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}: {st}; advantages "
+                                 f"[{adv.min().item():.3g}, {adv.max().item():.3g}]; {last_checkpoint(cfg)}")
+    sums["loss"] += loss.item()
+    for k in ("kl", "ratio", "clip_low", "clip_high"):
+        sums[k] += st[k] * st["tokens"]  # token-weighted, so the logged means are per token
+    sums["tokens"] += st["tokens"]
+    return loss
+
+
 def update(run, step, *, ro, adv, ref_lp, old_lp):
     """6. mu optimizer steps on the rows to train on: the clipped surrogate minus beta * k3, over micro-batches."""
     cfg, model, opt = run.cfg, run.model, run.opt
@@ -376,10 +398,9 @@ def update(run, step, *, ro, adv, ref_lp, old_lp):
     model.train()
     sums = dict.fromkeys(("loss", "kl", "ratio", "clip_low", "clip_high", "tokens", "entropy", "mm_abs", "mm_out",
                           "mm_max", "sampled_tokens"), 0.0)
-    # --fsdp: each backward reduce-scatters every unit's gradient (a collective), so every rank runs as many as the
-    # busiest one, the extra ones (None) on a zero loss, and a failure is exchanged before each backward; without
-    # FSDP the backward is local and one exchange ends the pass, after every backward (the ranks' micro-batch counts
-    # may differ)
+    # --fsdp: each backward reduce-scatters the gradients (a collective), so every rank runs as many as the busiest
+    # (None: a zero loss, fsdp.zero_loss) and a failure is exchanged before each backward. Without FSDP a backward is
+    # local, the ranks may run different numbers of them, and one exchange ends the pass.
     sharded = fsdp.is_sharded(model)
     pad = int(all_max([float(len(mbs))], run.world)[0]) - len(mbs) if sharded else 0
     exchange = partial(fail_together, cfg, run.world, step)  # a rank that fails tells the others before they reduce
@@ -391,35 +412,14 @@ def update(run, step, *, ro, adv, ref_lp, old_lp):
         with fsdp.gathered(model), pass_guard():  # --fsdp: whole weights for the pass (fsdp.py)
             for sl in mbs + [None] * pad:
                 with micro_guard():
-                    if sl is None:
-                        loss = fsdp.zero_loss(model)
-                    else:
-                        with run.amp():  # on the first pass also the entropy (a softmax per chunk, for a metric)
-                            lp, ent = logprobs(run, model, ro, sl, entropy=True) if pass_ == 0 else \
-                                (logprobs(run, model, ro, sl), None)
-                        old = lp.detach() if old_lp is None else old_lp[sl]  # the trainer's pi_old
-                        if pass_ == 0:
-                            observe(sums, ent, old, ro, sl)
-                        w = tis_weights(old, ro.logprobs[sl], mask[sl], cfg.tis_cap) if cfg.tis_cap else None
-                        loss, st = grpo_loss(lp, old, adv[sl], mask[sl], normalizer=norm, loss_type=cfg.loss_type,
-                                             ref_logp=None if ref_lp is None else ref_lp[sl],
-                                             beta=0.0 if ref_lp is None else cfg.beta,  # None: no token to learn from
-                                             eps_low=cfg.eps_low, eps_high=cfg.eps_high, ratio_level=cfg.ratio_level,
-                                             is_weight=w)
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(
-                                f"non-finite loss {loss.item()} at step {step}: {st}; advantages "
-                                f"[{adv.min().item():.3g}, {adv.max().item():.3g}]; {last_checkpoint(cfg)}")
-                        sums["loss"] += loss.item()
-                        for k in ("kl", "ratio", "clip_low", "clip_high"):
-                            sums[k] += st[k] * st["tokens"]  # token-weighted, so the logged means are per token
-                        sums["tokens"] += st["tokens"]
+                    loss = fsdp.zero_loss(model) if sl is None else micro_batch_loss(
+                        run, step, sl, ro=ro, adv=adv, mask=mask, norm=norm, ref_lp=ref_lp, old_lp=old_lp,
+                        first_pass=pass_ == 0, sums=sums)
                 loss.backward()
-        reduce_grads(run)  # summed over ranks, not averaged: each rank's loss has the global normaliser
+        reduce_grads(run)  # DDP: summed over ranks, not averaged (each rank's loss has the global normaliser)
         with fail_together(cfg, run.world, step):  # Adam's first step allocates its state: a likely place for OOM
-            gn = torch.nn.utils.clip_grad_norm_(trainable(model), cfg.grad_clip or float("inf"))
-            gn = gn.full_tensor() if isinstance(gn, DTensor) else gn  # --fsdp: a norm over every rank's shards
-            if not torch.isfinite(gn):  # the same on every rank: the gradients were all-reduced
+            gn = fsdp.whole(torch.nn.utils.clip_grad_norm_(trainable(model), cfg.grad_clip or float("inf")))
+            if not torch.isfinite(gn):  # the same on every rank: a norm of the reduced gradients
                 raise FloatingPointError(f"non-finite grad norm at step {step}; {last_checkpoint(cfg)}")
             if not empty:  # Adam would move the weights on zero gradients by its momentum: a step that learnt nothing
                 opt.step()
@@ -608,8 +608,10 @@ def train_loop(run):
                 batch = refill(run, step, scored)                   # 3b. more rounds until P groups have a spread
             with fail_together(cfg, run.world, step):
                 adv = advantages(run, batch)                        # 4. group-relative advantages
-                t0 = time.time()
+            t0 = time.time()
+            with fail_together(cfg, run.world, step):  # one exchange per phase: --fsdp gathers at each one's start
                 ref_lp = reference_logprobs(run, batch.ro)          # 5. the reference's log-probs (beta > 0)
+            with fail_together(cfg, run.world, step):
                 old_lp = old_logprobs(run, batch.ro)                #    and pi_old's (mu > 1)
             upd = update(run, step, ro=batch.ro, adv=adv.values,    # 6. loss, backward, optimizer step(s)
                          ref_lp=ref_lp, old_lp=old_lp)
