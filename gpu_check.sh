@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA checks, prepared for the day a GPU is lent: bash gpu_check.sh [OUT_DIR]   (about 3 minutes on one H100)
+# The CUDA checks, prepared for the day a GPU is lent (never run yet): bash gpu_check.sh [OUT_DIR]
 # 1. the environment (GPUs, torch, CUDA, NCCL);
 # 2. a train.py step on CUDA in one process (bf16 autocast, the default there), on a random-weight model of the
 #    Qwen2.5-0.5B shape with a small local tokenizer (nothing is downloaded), task arith: its KL at step 1 must be
