@@ -104,7 +104,8 @@ class KVCache:
     """Preallocated keys and values of every layer, passed in explicitly by the caller (sample.py)."""
     # Rows are left-padded, so every row writes its next token at the same index `pos`. `valid` marks which
     # indices hold a real token, which is what the attention mask is built from. `rows` selects the rows a
-    # forward writes: sample.py prefills P prompts into rows 0, G, 2G, ... and then `fan_out(G)` copies them.
+    # forward writes: sample.py prefills the prompts' common prefix into row 0 and `share_row0` copies it to every
+    # row, then the prompts' own suffixes into rows 0, G, 2G, ..., and `fan_out(G)` copies those to their groups.
     # One tensor per layer, written with index_copy_: under torch.compile a slice assignment into one big
     # (L, B, K, S, D) tensor becomes a copy of the whole cache per layer.
     def __init__(self, cfg, batch, max_len, device=None, dtype=torch.float32):
@@ -122,6 +123,12 @@ class KVCache:
         kc.index_copy_(2, idx, k.to(kc.dtype))
         vc.index_copy_(2, idx, v.to(vc.dtype))
         return kc[:, :, :end], vc[:, :, :end]  # (B, K, S', D) each
+
+    def share_row0(self):
+        """Copy row 0's positions [0, pos) into every row: a prefix all rows share, prefilled once (sample.py)."""
+        for t in self.k + self.v:
+            t[1:, :, :self.pos] = t[:1, :, :self.pos]
+        self.valid[1:, :self.pos] = self.valid[:1, :self.pos]
 
     def fan_out(self, G):
         """Copy row g*G (filled by prefill) into rows g*G+1 .. g*G+G-1, for positions [0, pos)."""

@@ -1,7 +1,8 @@
 """KV-cached batched sampling of G completions per prompt, returning the log-probs of the sampled tokens.
 
-Each prompt is prefilled once (left-padded, per-row positions, explicit mask) into rows 0, G, 2G, ... of one
-preallocated cache, copied to its G rows, and then the unfinished rows decode one token per step: rows that
+The prompts' common prefix (a chat template's system message and worked examples) is prefilled once and copied to
+every row of one preallocated cache; then each prompt's own suffix once (left-padded, per-row positions, explicit
+mask) into rows 0, G, 2G, ..., copied to its G rows; then the unfinished rows decode one token per step: rows that
 stopped leave the batch (and the cache) at the next host check.
 Legend: P prompts, G group, N = P*G rows, n <= N rows still decoding, Tp prompt time, Tc completion time, V vocab.
 """
@@ -142,6 +143,16 @@ def packed_linears(model, rows, enable=True):
             del mod.forward  # back to nn.Linear.forward
 
 
+def common_prefix(prompts):
+    """Length of the prompts' longest common token prefix, leaving every prompt at least one token of its own."""
+    # A chat template's system message and worked-example turns come first and are the same in every prompt. Each
+    # prompt keeps one token of its own, so the last position of every prompt is computed by its own forward.
+    first, L = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        L = next((i for i in range(L) if p[i] != first[i]), L)
+    return L
+
+
 def decode_step(model, tok, positions, cache):
     """One token per row through the cache: tok (N,), positions (N,) -> next-token logits (N, V) fp32."""
     # forward_hidden, not forward (which calls it): under FSDP (fsdp.py) the outer of two nested calls reshards the
@@ -151,7 +162,7 @@ def decode_step(model, tok, positions, cache):
 
 @torch.no_grad()  # not inference_mode: the rollout's tensors are inputs to the training graph later
 def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_ids=(),
-             generator=None, vocab_size=None, pad_id=0, compile=False, sync_every=None):
+             generator=None, vocab_size=None, pad_id=0, compile=False, sync_every=None, share_prefix=True):
     """Sample G completions for each of the P prompts (lists of token ids); returns a Rollout of P*G rows."""
     # vocab_size: ids >= it are never sampled (Qwen pads its embedding past the tokenizer's vocabulary).
     # generator: a torch.Generator on the model's device, an int seed, or a list of P generators, one per prompt,
@@ -159,6 +170,8 @@ def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_
     # to make sampling identical for any number of ranks, and across a resume).
     # sync_every: every this many steps (default 1 on CPU, 8 on GPU), check on the host which rows have finished:
     # stop if all have, else drop the finished ones from the batch.
+    # share_prefix: prefill the prompts' longest common prefix once for all of them (`common_prefix`); the tokens
+    # and log-probs are those of prefilling each prompt whole (up to float rounding in another summation order).
     # On CPU the model's linears run on oneDNN-packed copies of the weights while this runs (`packed_linears`).
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt at least one token")
@@ -176,13 +189,21 @@ def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_
     lens = torch.tensor([len(p) for p in prompts], device=dev)  # (P,)
     Tp = int(lens.max())
 
-    # ---- prefill: each distinct prompt once, left-padded, into rows 0, G, 2G, ...; then copied to its G rows
+    # ---- prefill: the prompts' common prefix once, into row 0, copied to every row; then each distinct prompt's
+    # own suffix once, left-padded after it, into rows 0, G, 2G, ...; then copied to its G rows
     ids = torch.full((P, Tp), pad_id, dtype=torch.long, device=dev)
     for i, p in enumerate(prompts):
         ids[i, Tp - len(p):] = torch.tensor(p, device=dev)
     pmask = torch.arange(Tp, device=dev) >= Tp - lens[:, None]  # (P, Tp)
+    L = common_prefix(prompts) if share_prefix and P > 1 else 0
     cache = KVCache(model.config, N, Tp + max_new_tokens, dev, dtype)
-    cache.rows = slice(None, None, G)
+    # each row's cache: [prefix (L)] [padding] [its own suffix] [completion]; positions count real tokens only
+    # (as in one forward of the whole prompt), so the padding between prefix and suffix changes nothing
+    sids = torch.full((P, Tp - L), pad_id, dtype=torch.long, device=dev)  # each prompt's suffix, left-padded
+    for i, p in enumerate(prompts):
+        sids[i, Tp - len(p):] = torch.tensor(p[L:], device=dev)
+    smask = torch.arange(Tp - L, device=dev) >= Tp - lens[:, None]  # (P, Tp-L): as much padding as the prompt
+    spos = L + (smask.long().cumsum(-1) - 1).clamp(min=0)  # (P, Tp-L)
     pos = lens.repeat_interleave(G)  # (N,) position of each row's first completion token
     step = torch.compile(decode_step, dynamic=True) if compile else decode_step
     stops = torch.tensor(sorted(set(stop_ids)) or [-1], device=dev)
@@ -195,7 +216,12 @@ def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_
     fin = torch.zeros(N, dtype=torch.bool, device=dev)  # (n,) batch rows finished since the last compaction
     Tc = max_new_tokens
     with packed_linears(model, N, enable=not compile):  # CPU only
-        h = model.forward_hidden(ids, attn_mask=pmask, cache=cache)  # (P, Tp, C)
+        if L:
+            cache.rows = slice(0, 1)
+            model.forward_hidden(torch.tensor([prompts[0][:L]], device=dev), cache=cache)  # (1, L, C), unused
+            cache.share_row0()
+        cache.rows = slice(None, None, G)
+        h = model.forward_hidden(sids, positions=spos, attn_mask=smask, cache=cache)  # (P, Tp-L, C)
         cache.fan_out(G)
         logits = model.logits(h[:, -1]).float().repeat_interleave(G, 0)  # (N, V) fp32, also under autocast
 

@@ -174,6 +174,65 @@ def test_prefill_runs_once_per_distinct_prompt(model, monkeypatch):
     assert len(shapes) == n
 
 
+# ----------------------------------------------------------------------------- shared prefix
+
+PREFIX = [5, 17, 42, 99, 3, 250, 61, 8, 9]  # a chat template's system turn, as it were: the same in every prompt
+SHARING = [PREFIX + [1, 2, 3], PREFIX + [7], PREFIX + [77, 4, 4, 4, 4, 6], PREFIX[:5] + [11]]  # unequal lengths
+
+
+def test_common_prefix():
+    """The longest common prefix, leaving every prompt one token of its own (its last position is its own)."""
+    assert sample.common_prefix(SHARING[:3]) == len(PREFIX)
+    assert sample.common_prefix(SHARING) == 5
+    assert sample.common_prefix([[1, 2, 3], [1, 2, 3]]) == 2  # identical prompts
+    assert sample.common_prefix([[1, 2], [1, 2, 3]]) == 1  # one prompt is the other's prefix
+    assert sample.common_prefix([[4], [4, 5]]) == 0 and sample.common_prefix([[1, 2], [3, 2]]) == 0
+
+
+@pytest.mark.parametrize("family,tied", [("qwen2", True), ("qwen3", False), ("llama", True)])
+@pytest.mark.parametrize("kw", [dict(temperature=0), dict(temperature=1.0), dict(temperature=0.8, top_k=20)])
+def test_shared_prefix_equals_each_prompt_prefilled_whole(family, tied, kw):
+    """Identical tokens and log-probs within 1e-5 fp32, with left padding and prompts of unequal length."""
+    m = random_model(family, tied=tied, seed=1).eval()
+    for prompts in (SHARING[:3], SHARING):
+        gens = lambda: [torch.Generator().manual_seed(i) for i in range(len(prompts))]  # noqa: E731
+        shared = generate(m, prompts, 3, 12, generator=gens(), **kw)
+        whole = generate(m, prompts, 3, 12, generator=gens(), share_prefix=False, **kw)
+        assert torch.equal(shared.completion_ids, whole.completion_ids)
+        assert torch.equal(shared.prompt_ids, whole.prompt_ids) and torch.equal(shared.prompt_mask, whole.prompt_mask)
+        assert torch.equal(shared.lengths, whole.lengths) and torch.equal(shared.stopped, whole.stopped)
+        torch.testing.assert_close(shared.logprobs, whole.logprobs, atol=1e-5, rtol=0)
+
+
+def test_shared_prefix_under_bf16_autocast(model):
+    """The CUDA sampler runs under bf16 autocast (CPU autocast here): the same tokens, log-probs at bf16's tolerance."""
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(len(SHARING))]  # noqa: E731
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        shared = generate(model, SHARING, 2, 8, generator=gens(), temperature=1.0)
+        whole = generate(model, SHARING, 2, 8, generator=gens(), temperature=1.0, share_prefix=False)
+    assert shared.logprobs.dtype == torch.float32
+    # bf16 rounds the prefix's keys/values differently when they come from another batch shape: near-ties in
+    # the inverse CDF may flip, so compare where the rows still agree, at the tolerance test_grpo's bf16 test uses
+    same = (shared.completion_ids == whole.completion_ids).cumprod(1).bool() & shared.completion_mask
+    assert same[:, 0].all() and same.float().mean() > 0.9
+    torch.testing.assert_close(shared.logprobs[same], whole.logprobs[same], atol=0.1, rtol=0.02)
+
+
+def test_shared_prefix_is_prefilled_once(model, monkeypatch):
+    """One forward of the prefix (1 row), one of the P suffixes, then one per decoded step."""
+    shapes = []
+    inner = model.forward_hidden
+
+    def counting(input_ids, *args, **kw):
+        shapes.append(tuple(input_ids.shape))
+        return inner(input_ids, *args, **kw)
+
+    monkeypatch.setattr(model, "forward_hidden", counting)
+    generate(model, SHARING[:3], 4, 6, temperature=1.0, generator=0)
+    Tp = max(map(len, SHARING[:3]))
+    assert shapes[:2] == [(1, len(PREFIX)), (3, Tp - len(PREFIX))] and shapes[2:] == [(12, 1)] * 5
+
+
 # ----------------------------------------------------------------------------- stops
 
 def test_row_stops_at_first_stop_token(model):
