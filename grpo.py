@@ -53,8 +53,8 @@ The loss is -J. Where this code departs from the paper or offers options:
     G times, attending to the prompt's keys/values (for the policy's update and the reference alike). The values
     and gradients are those of G full forwards (same math, fewer FLOPs: the full forwards recompute the prompt in
     each of the G rows).
-Legend: P prompts, G group, N = P*G rows, U distinct prompts, T completion time, Tp prompt time, C hidden,
-V vocab, M masked tokens, K kv heads, D head dim.
+Legend: P prompts, G group, N = P*G rows, U distinct prompts, T completion time, Tp prompt time, L shared prompt
+prefix, C hidden, V vocab, M masked tokens, K kv heads, D head dim.
 """
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -145,8 +145,63 @@ def spread(x, slots, c):
     return wide.index_select(0, slots)  # (N, ...)
 
 
+def common_prefix(prompt_ids, prompt_mask):
+    """Length of the rows' longest common prompt prefix (real tokens), leaving every row one token of its own."""
+    # Rows are left-padded (sample.Rollout): row i's real tokens are its last n_i. Each keeps one token of its own,
+    # so the hidden state that predicts its first completion token comes from its own suffix forward.
+    if prompt_ids.shape[0] == 0:
+        return 0
+    Tp = prompt_ids.shape[1]
+    n = prompt_mask.sum(1)  # (N,)
+    m = int(n.min()) - 1
+    if m <= 0:
+        return 0
+    start = Tp - n  # (N,) where each row's real tokens begin
+    lead = prompt_ids.gather(1, start[:, None] + torch.arange(m, device=n.device))  # (N, m) each row's first m
+    same = (lead == lead[:1]).all(0)  # (m,)
+    return m if bool(same.all()) else int((~same).int().argmax())
+
+
+class SharedPrefix:
+    """The prompt prefix all rows of a batch share, forwarded once: its length and each layer's keys/values."""
+    # A chat template's system turn and worked examples are the same in every prompt, and at the default
+    # --micro-batch G a micro-batch holds one prompt: forwarded per micro-batch, the prefix would be recomputed
+    # P times per forward pass. Here it is forwarded once per optimizer batch, and every micro-batch attends to
+    # its keys/values (token_logprobs(..., prefix=)). Under autograd the micro-batches see detached copies
+    # (leaves): each micro-batch's backward adds into their .grad, and backward() sends the sum through the one
+    # prefix forward, which by linearity is the gradient of the whole batch. Memory: the prefix's activations
+    # (one row) and the leaves' gradients, held across the micro-batches.
+    # fixed: always one forward (a 1-token one when nothing is shared) and, under autograd, one backward, so
+    # that a sharded model (fsdp.py) makes the same collectives on every rank.
+    def __init__(self, model, prompt_ids, prompt_mask, fixed=False):
+        self.length = common_prefix(prompt_ids, prompt_mask)
+        self.kv, self._out = None, None
+        if not self.length and not fixed:
+            return
+        dev = prompt_ids.device
+        if self.length:
+            row = prompt_ids[:1, prompt_ids.shape[1] - int(prompt_mask[0].sum()):]  # (1, n_0) row 0's real tokens
+            ids = row[:, :self.length]  # (1, L)
+        else:
+            ids = torch.zeros(1, 1, dtype=torch.long, device=dev)  # fixed: a forward no row attends to
+        kv = model.forward_hidden(ids, return_kv=True)[1]  # layers x 2 x (1, K, L, D)
+        if torch.is_grad_enabled():
+            self._out = [t for pair in kv for t in pair]
+            kv = [(k.detach().requires_grad_(), v.detach().requires_grad_()) for k, v in kv]
+        self.kv = kv if self.length else None
+        self._leaves = [t for pair in kv for t in pair]
+
+    def backward(self):
+        """Send the micro-batches' summed gradients through the prefix forward (with fixed, also when they are 0)."""
+        if self._out is None:
+            return
+        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in self._leaves]
+        torch.autograd.backward(self._out, grads)
+        self._out = self._leaves = None
+
+
 def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0, chunk=1024,
-                   share_prompt=True, entropy=False, fixed_forwards=False):
+                   share_prompt=True, entropy=False, fixed_forwards=False, prefix=None):
     """Log-prob of each completion token under `model` at `temperature`: (N, T) fp32, 0 outside completion_mask."""
     # With entropy, returns (log-probs, entropies) where entropies (N, T) are of the whole next-token distribution
     # at each completion position (no gradient), computed in the same chunks, so no (N, T, V) tensor exists.
@@ -160,11 +215,25 @@ def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_ma
     # fixed_forwards: always the two forwards (the distinct prompts, then the completions), whatever the rows share
     # and however long the completions, so that a sharded model (fsdp.py) reduces its gradients in the same
     # collectives on every rank; the values and gradients are the same.
+    # prefix: a SharedPrefix of these rows (made over the whole optimizer batch): its L tokens, the same first L of
+    # every row's prompt, are not forwarded again; the prompts' forward covers their suffixes only, attending to
+    # its keys/values, as the completions do.
     # lm_head and log_softmax run only at masked completion positions, `chunk` tokens at a time. Under autograd
     # each chunk is checkpointed, so backward recomputes its (chunk, V) logits instead of keeping all of them:
     # peak memory scales with chunk, not T*V.
     N, Tp = prompt_ids.shape
     T = completion_ids.shape[1]
+    L = prefix.length if prefix is not None else 0
+    if L:  # from here on the prompts are their suffixes after the shared L tokens, still left-padded
+        n = prompt_mask.sum(1, keepdim=True)  # (N, 1)
+        Tp = Tp - L
+        prompt_ids, prompt_mask = prompt_ids[:, L:], torch.arange(Tp, device=n.device) >= Tp + L - n  # (N, Tp) each
+
+    def pre(rows, mask):  # the shared prefix's keys/values for `rows` rows (a view), and the mask with its L keys
+        ones = torch.ones(mask.shape[0], L, dtype=torch.bool, device=mask.device)
+        kv = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix.kv] if L else None
+        return kv, torch.cat([ones, mask], 1)  # layers x 2 x (rows, K, L, D), (rows, L + S)
+
     # completion positions after a row's stop are attended by nobody before them (causal), so they can be "real"
     attn = torch.cat([prompt_mask, torch.ones_like(completion_mask)], 1)  # (N, Tp+T)
     first, inv = distinct_prompts(prompt_ids, prompt_mask) if share_prompt and N > 1 else (None, None)
@@ -172,15 +241,21 @@ def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_ma
         first = inv = torch.arange(N, device=prompt_ids.device)  # (N,) each row its own prompt
     if not fixed_forwards and (first is None or len(first) == N):  # nothing shared: one forward of prompt + completion
         ids = torch.cat([prompt_ids, completion_ids], 1)  # (N, Tp+T)
-        h = model.forward_hidden(ids, attn_mask=attn)[:, Tp - 1:-1]  # (N, T, C): position t-1 predicts token t
+        past, mask = pre(N, attn)
+        h = model.forward_hidden(ids, attn_mask=mask, past=past)[:, Tp - 1:-1]  # (N, T, C): t-1 predicts token t
     else:
-        hp, kv = model.forward_hidden(prompt_ids[first], attn_mask=prompt_mask[first], return_kv=True)  # (U, Tp, C)
+        past, mask = pre(len(first), prompt_mask[first])
+        hp, kv = model.forward_hidden(prompt_ids[first], attn_mask=mask, past=past, return_kv=True)  # (U, Tp, C)
         slots, c = shared_slots(inv)
         h = spread(hp[:, -1:], slots, c)  # (N, 1, C): the prompt's last position predicts completion token 0
         if T > 1 or fixed_forwards:
-            past = [(spread(k, slots, c), spread(v, slots, c)) for k, v in kv]  # L x 2 x (N, K, Tp, D)
             Tc = max(T - 1, 1)  # with fixed_forwards and T == 1 a forward whose output is cut off below
-            hc = model.forward_hidden(completion_ids[:, :Tc], attn_mask=attn[:, :Tp + Tc], past=past)  # (N, Tc, C)
+            shared, mask = pre(N, attn[:, :Tp + Tc])
+            past = [(spread(k, slots, c), spread(v, slots, c)) for k, v in kv]  # layers x 2 x (N, K, Tp, D)
+            if L:
+                past = [(torch.cat([sk, k], 2), torch.cat([sv, v], 2))
+                        for (sk, sv), (k, v) in zip(shared, past)]  # layers x 2 x (N, K, L+Tp, D)
+            hc = model.forward_hidden(completion_ids[:, :Tc], attn_mask=mask, past=past)  # (N, Tc, C)
             h = torch.cat([h, hc], 1)  # (N, 1+Tc, C)
         h = h[:, :T]  # (N, T, C): T == 0 keeps no column
     hm, target = h[completion_mask], completion_ids[completion_mask]  # (M, C), (M,)

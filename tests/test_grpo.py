@@ -1005,6 +1005,91 @@ def test_fixed_forwards_are_always_two_with_the_same_values_and_gradients(prompt
         torch.testing.assert_close(got_g[n] / scale, want_g[n] / scale, atol=1e-5, rtol=0, msg=n)
 
 
+def prefixed_rollout(V, prefix_len, suffix_lens, G, comp_lens, T, seed):
+    """grouped_rollout whose prompts all begin with the same prefix_len tokens (a chat template's system turn)."""
+    pids, pmask, cids, cmask, perm = grouped_rollout(V, [prefix_len + n for n in suffix_lens], G, comp_lens, T, seed)
+    start = pids.shape[1] - pmask.sum(1)  # (N,) where each row's real tokens begin
+    head = torch.randint(0, V, (prefix_len,), generator=torch.Generator().manual_seed(seed + 1))
+    for i in range(len(pids)):
+        pids[i, int(start[i]):int(start[i]) + prefix_len] = head
+    return pids, pmask, cids, cmask
+
+
+def test_common_prefix_of_left_padded_rows():
+    pids, pmask, *_ = prefixed_rollout(50, 6, [3, 1, 4], 2, [2] * 6, 2, seed=0)
+    assert grpo.common_prefix(pids, pmask) == 6
+    assert grpo.common_prefix(pids[:2], pmask[:2]) == 6  # one prompt's rows: its own last token stays its own
+    same = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]]), torch.tensor([[0, 1, 1, 1], [0, 1, 1, 1]]).bool()
+    assert grpo.common_prefix(*same) == 2
+    assert grpo.common_prefix(torch.tensor([[9, 1, 2], [1, 2, 3]]), torch.tensor([[0, 1, 1], [1, 1, 1]]).bool()) == 1
+    assert grpo.common_prefix(pids[:0], pmask[:0]) == 0
+
+
+def shared_prefix_logprobs_and_grads(model, args, micro, fixed=False, share_prompt=True, temperature=0.8):
+    """train.update's order: the prefix forwarded once, a backward per micro-batch, then the prefix's backward."""
+    model.zero_grad(set_to_none=True)
+    prefix = grpo.SharedPrefix(model, args[0], args[1], fixed=fixed)
+    weights = torch.randn(args[2].shape, generator=torch.Generator().manual_seed(11))
+    parts = []
+    for s in range(0, args[0].shape[0], micro):
+        sl = slice(s, s + micro)
+        lp = grpo.token_logprobs(model, *(a[sl] for a in args), temperature, 5, share_prompt=share_prompt,
+                                 fixed_forwards=fixed, prefix=prefix)
+        (lp * weights[sl]).sum().backward()
+        parts.append(lp.detach())
+    prefix.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return torch.cat(parts), grads, prefix.length
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
+@pytest.mark.parametrize("micro,fixed,share_prompt,ckpt", [(4, False, True, False), (3, False, True, True),
+                                                           (5, True, True, False), (12, False, False, False)])
+def test_shared_prefix_over_micro_batches_equals_full_forward(family, micro, fixed, share_prompt, ckpt):
+    """Values and gradients of a prefix forwarded once for every micro-batch equal the whole rows' full forward."""
+    model = random_model(family, tied=family != "llama").train()
+    model.gradient_checkpointing = ckpt
+    args = prefixed_rollout(model.config.vocab_size, 7, [3, 1, 5], 4, [5, 0, 2, 5, 1, 5, 3, 4, 5, 2, 5, 1], 5, seed=4)
+    want, want_g = logprobs_and_grads(model, args, share_prompt=False)
+    got, got_g, L = shared_prefix_logprobs_and_grads(model, args, micro, fixed=fixed, share_prompt=share_prompt)
+    assert L == 7
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert want_g.keys() == got_g.keys()
+    for n in want_g:
+        scale = want_g[n].abs().max().clamp(min=1e-3)
+        torch.testing.assert_close(got_g[n] / scale, want_g[n] / scale, atol=1e-5, rtol=0, msg=n)
+
+
+def test_shared_prefix_with_nothing_shared_and_fixed_makes_one_unused_forward(monkeypatch):
+    """fixed (fsdp.py): with no common prefix, still one forward (and one backward), which no row attends to."""
+    model = random_model("qwen2").train()
+    args = grouped_rollout(model.config.vocab_size, [3, 1, 5], 2, [2] * 6, 2, seed=5)[:4]
+    assert grpo.common_prefix(args[0], args[1]) == 0
+    want, want_g = logprobs_and_grads(model, args, share_prompt=False)
+    calls = []
+    inner = model.forward_hidden
+    monkeypatch.setattr(model, "forward_hidden", lambda ids, *a, **k: calls.append(ids.shape) or inner(ids, *a, **k))
+    got, got_g, L = shared_prefix_logprobs_and_grads(model, args, 2, fixed=True)
+    assert L == 0 and calls[0] == (1, 1) and len(calls) == 1 + 3 * 2  # the prefix, then two forwards a micro-batch
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], atol=1e-5, rtol=1e-4, msg=n)
+    assert grpo.SharedPrefix(model, args[0], args[1]).kv is None  # not fixed: nothing forwarded at all
+
+
+def test_shared_prefix_under_bf16_autocast():
+    """Under CPU autocast (the CUDA trainer's dtype policy) the prefix path stays at the fp32 values' tolerance."""
+    model = random_model("qwen2").train()
+    args = prefixed_rollout(model.config.vocab_size, 7, [3, 1, 5], 4, [5] * 12, 5, seed=6)
+    with torch.no_grad():
+        fp32 = grpo.token_logprobs(model, *args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, grads, _ = shared_prefix_logprobs_and_grads(model, args, 4, temperature=1.0)
+    torch.testing.assert_close(got, fp32, atol=0.1, rtol=0.02)
+    assert got.dtype == torch.float32 and all(g.isfinite().all() for g in grads.values())
+
+
 def test_shared_prompt_under_bf16_autocast():
     """The CUDA trainer runs under bf16 autocast: the shared path runs there too (CPU autocast here), with
     gradients, and stays close to the fp32 values."""
