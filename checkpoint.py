@@ -1,8 +1,9 @@
 """What a run reads and writes on disk: the run dir, models to load, step-N/ checkpoints (atomic, rotated), the
 state a resumed run continues from, and the one line a Ctrl-C prints.
 
-A run dir holds config.json, metrics.jsonl, eval.jsonl, eval/step-N.jsonl, curves.png and step-N/ dirs; a step-N/
-is a Hugging Face model dir (with LoRA a PEFT adapter dir) plus the tokenizer files and trainer_state.pt.
+A run dir holds config.json, metrics.jsonl, rollouts.jsonl, eval.jsonl, eval/step-N.jsonl, curves.png and step-N/
+dirs; a step-N/ is a Hugging Face model dir (with LoRA a PEFT adapter dir) plus the tokenizer files and
+trainer_state.pt.
 """
 import copy
 import glob
@@ -92,9 +93,11 @@ def append_jsonl(path, record):
 
 
 def truncate_jsonl(path, last_step):
-    """Drop records past last_step (a resumed run rewrites them)."""
+    """Drop records past last_step (a resumed run rewrites them), and a last line that a crash cut short."""
     if os.path.isfile(path):
-        keep = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= last_step]
+        # a line without its newline is the torn end of a write that a crash cut (rollouts.jsonl writes big ones)
+        keep = [line for line in open(path)
+                if line.strip() and line.endswith("\n") and json.loads(line)["step"] <= last_step]
         with open(path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(path + ".tmp", path)
@@ -104,6 +107,7 @@ def start_records(cfg, start):
     """Records past the checkpoint came from steps about to be redone: drop them; write the run's config.json."""
     truncate_jsonl(os.path.join(cfg.out, "metrics.jsonl"), start)
     truncate_jsonl(os.path.join(cfg.out, "eval.jsonl"), start)
+    truncate_jsonl(os.path.join(cfg.out, "rollouts.jsonl"), start)
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=2)
 

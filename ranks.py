@@ -83,13 +83,13 @@ def sum_grads(params, world):
         dist.all_reduce(p.grad)
 
 
-def gather_records(rows, world):
-    """Every rank's records (dicts with an "index"), in index order."""
+def gather_records(rows, world, order=lambda r: r["index"]):
+    """Every rank's records (dicts), sorted by order(record): by default their "index"."""
     if world == 1:
         return rows
     gathered = [None] * world
     dist.all_gather_object(gathered, rows)
-    return sorted((r for g in gathered for r in g), key=lambda r: r["index"])
+    return sorted((r for g in gathered for r in g), key=order)
 
 
 def oom_advice(cfg, step):

@@ -70,6 +70,15 @@ def judge_view(task, ex):
     return next(m["content"] for m in reversed(task.prompt(ex)) if m["role"] == "user"), None
 
 
+def example_view(task, ex):
+    """(question, gold answer or None): what a record (rollouts.jsonl, eval/step-N.jsonl) shows of an example."""
+    # judge_view's question (the example's, or its prompt's last user message); the gold answer is the example's
+    # `gold`, or a game's `secret`, which a record may show (a judge may not: the policy never sees it)
+    question = ex["question"] if "question" in ex else next(
+        (m["content"] for m in reversed(task.prompt(ex)) if m["role"] == "user"), "")
+    return question, ex.get("gold", ex.get("secret"))
+
+
 def parse_options(task_name, text):
     """'digits=2,ops=+-' -> {'digits': 2, 'ops': '+-'} over the task's defaults, typed like them."""
     defaults = TASKS[task_name].options

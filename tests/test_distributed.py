@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from model import Transformer
+from test_rollouts import matches_metrics
 from test_train import ANSWERS, QUESTIONS, without_timing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,6 +150,21 @@ def metrics(out):
     return [json.loads(l) for l in open(out / "metrics.jsonl")]
 
 
+def rollout_lines(out, step=None):
+    """The groups of rollouts.jsonl (of one step)."""
+    return [g for g in map(json.loads, open(out / "rollouts.jsonl")) if step in (None, g["step"])]
+
+
+def same_rollouts(got, want, where):
+    """The same groups in the same order with the same rows, advantages to fp32 summation order."""
+    assert len(got) == len(want), where
+    for g, w in zip(got, want):
+        assert {**g, "rows": None} == {**w, "rows": None}, where
+        for a, b in zip(g["rows"], w["rows"]):
+            assert {**a, "advantage": 0} == {**b, "advantage": 0}, where
+            assert a["advantage"] == pytest.approx(b["advantage"], abs=1e-5), where  # None == None too
+
+
 def assert_metric(k, got, want, where):
     """A logged value of another rank count (or a resume) equals the 1-process one, to fp32 summation order."""
     # mismatch_* measure the sampler's log-probs against the trainer's, a gap of fp32 rounding (~1e-6) when both
@@ -179,6 +195,12 @@ def test_two_ranks_equal_one_process_and_resume_in_one_rank(setup, tmp_path):
         assert m1.keys() == m2.keys()
         for k in m1:
             assert_metric(k, m2[k], m1[k], k)
+    # the rollout log holds every rank's groups once, in the order and with the rows of 1 process (step 1, from
+    # the same weights), and the means logged are its rows' means
+    r2 = rollout_lines(tmp_path / "two")
+    assert [(g["step"], g["group"]) for g in r2] == [(s, j) for s in (1, 2) for j in range(4)]
+    same_rollouts(r2[:4], rollout_lines(tmp_path / "one", 1), "step 1")
+    matches_metrics(r2, metrics(tmp_path / "two"))
     ev1 = [json.loads(l) for l in open(tmp_path / "one" / "eval.jsonl")]
     ev2 = [json.loads(l) for l in open(tmp_path / "two" / "eval.jsonl")]
     assert ev1 == ev2 and ev2[0]["n"] == 5  # eval sharded across ranks and gathered
@@ -190,6 +212,8 @@ def test_two_ranks_equal_one_process_and_resume_in_one_rank(setup, tmp_path):
     assert [m["step"] for m in resumed] == [1, 2]
     for k in resumed[1]:
         assert_metric(k, resumed[1][k], two[1][k], k)
+    assert rollout_lines(tmp_path / "two", 1) == r2[:4]  # step 2's lines were dropped and written again
+    same_rollouts(rollout_lines(tmp_path / "two", 2), r2[4:], "resumed step 2")
 
 
 def test_mismatch_of_real_size_is_reduced_over_ranks_as_one_process_computes_it(setup, tmp_path):
@@ -228,9 +252,12 @@ def test_one_rank_failing_ends_every_rank_with_its_message(setup, tmp_path, env,
 
 def test_lora_two_ranks_equal_one_process(setup, tmp_path):
     # the adapters start equal on every rank (seeded apart from the per-rank global RNG), and only they are reduced
-    flags = ("--steps", "1", "--lora-rank", "4", "--lora-alpha", "8", "--eval-n", "1")
+    flags = ("--steps", "1", "--lora-rank", "4", "--lora-alpha", "8", "--eval-n", "1", "--log-rollouts", "3")
     run(setup, tmp_path / "one", 1, *flags)
     run(setup, tmp_path / "two", 2, *flags)
+    # --log-rollouts 3: the step's first 3 groups, 2 from rank 0 and 1 from rank 1, as 1 process logs them
+    assert [g["group"] for g in rollout_lines(tmp_path / "two")] == [0, 1, 2]
+    same_rollouts(rollout_lines(tmp_path / "two"), rollout_lines(tmp_path / "one"), "capped")
     from safetensors.torch import load_file
     a = load_file(str(tmp_path / "one" / "step-1" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "step-1" / "adapter_model.safetensors"))
@@ -274,3 +301,11 @@ def test_dynamic_sampling_two_ranks_equal_one_process(setup, tmp_path):
         assert m1.keys() == m2.keys()
         for k in m1:
             assert_metric(k, m2[k], m1[k], (m1["step"], k))
+    # the rollout log: the groups 1 process logs, dropped ones included; a 2-rank resume of the 1-process run
+    # kept the steps before its checkpoint and dropped the rest
+    ones = rollout_lines(tmp_path / "one")
+    assert any(not g["kept"] for g in ones)
+    for s in (1, 2, 3):
+        twos = rollout_lines(tmp_path / f"two-{s}")
+        assert [g for g in twos if g["step"] < s] == [g for g in ones if g["step"] < s]
+        same_rollouts([g for g in twos if g["step"] >= s], rollout_lines(tmp_path / "one", s), s)

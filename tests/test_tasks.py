@@ -163,3 +163,9 @@ def test_judge_view_of_each_task():
     assert T.judge_view(T.TASKS["gsm8k"], {"question": "Q?", "gold": 18}) == ("Q?", "18")
     q, ref = T.judge_view(T.TASKS["wordle"], {"secret": "CRANE", "history": []})
     assert ref is None and "CRANE" not in q and "guess" in q.lower()  # the game, never its secret
+
+
+def test_example_view_shows_the_gold_answer_and_a_games_secret():
+    assert T.example_view(T.TASKS["arith"], {"question": "What is 1 + 2?", "gold": "3"}) == ("What is 1 + 2?", "3")
+    q, gold = T.example_view(T.TASKS["wordle"], {"secret": "CRANE", "history": []})
+    assert gold == "CRANE" and q == T.judge_view(T.TASKS["wordle"], {"secret": "CRANE", "history": []})[0]

@@ -634,10 +634,17 @@ def test_wordle_whole_games_train_and_resume_equals_uninterrupted(tiny_ckpt, tmp
     assert {"reward/game_win", "reward/game_speed", "reward/game_invalid", "acc_win", "acc_clean"} <= set(full[0])
     assert full[0]["reward/game_invalid"] == -1.0 and full[0]["reward_std"] > 0 and full[1]["kl"] > 0
     assert full[0]["len_mean"] > 6  # the model's tokens over six turns, not one completion's
+    from test_rollouts import lines, matches_metrics
+    logged = lines(out)  # the rollout log keeps each game's turns, and the secret as the gold answer
+    assert [g["step"] for g in logged] == [1, 1, 2, 2, 3, 3]
+    assert all(len(r["game"]["turns"]) == 6 and r["game"]["secret"] == g["gold"] for g in logged for r in g["rows"])
+    assert all("text" in t for g in logged for r in g["rows"] for t in r["game"]["turns"])
+    matches_metrics(logged, full)
     shutil.rmtree(out / "step-3")
     shutil.rmtree(out / "step-2")
     train.main(["--resume", str(out)])
     assert without_timing(metrics(out)[1:]) == without_timing(full[1:])
+    assert lines(out) == logged  # steps 2 and 3 dropped on resume, and written again
 
 
 def test_wordle_eval_only(tiny_ckpt, tmp_path):
