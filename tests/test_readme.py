@@ -11,6 +11,7 @@ import pytest
 
 import bench
 import config
+import rollouts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
@@ -78,10 +79,15 @@ def test_every_train_and_bench_command_parses(path):
         assert ran >= 8  # the two commands, the quick start, training usage, benchmarks
 
 
+def viewer_flags():
+    """Every flag rollouts.py (the rollout log's viewer) takes."""
+    return {s for a in rollouts.build_parser()._actions for s in a.option_strings}
+
+
 @pytest.mark.parametrize("path", PAGES, ids=os.path.basename)
 def test_every_flag_named_exists(path):
     """A flag named anywhere on the page, in prose or in a table, is a field of TrainConfig (or another tool's)."""
-    known = train_flags() | bench_flags() | OTHER_TOOLS
+    known = train_flags() | bench_flags() | viewer_flags() | OTHER_TOOLS
     named = set(FLAG.findall(page_text(path)))
     assert named, path
     assert named <= known, f"{os.path.basename(path)} names flags that do not exist: {sorted(named - known)}"
@@ -112,7 +118,7 @@ def project_imports():
 
 def test_import_graph_is_as_the_readme_states():
     g = project_imports()
-    for leaf in ("model", "grpo", "rewards"):  # a forker lifts these alone
+    for leaf in ("model", "grpo", "rewards", "report"):  # a forker lifts these alone
         assert g[leaf] == set(), (leaf, g[leaf])
     assert g["sample"] == {"model"}  # sample, lifted with model, imports nothing new either
     assert {m for m, deps in g.items() if "train" in deps} == {"bench"}
