@@ -5,6 +5,9 @@
     python bench.py sampler --random-init configs/qwen2.5-0.5b-instruct.json --device cuda --dtype bfloat16
     python bench.py trl-step --model DIR                    # TRL GRPOTrainer seconds per optimizer step (CPU, fp32)
     python bench.py step --model DIR                        # train.py's step time against TRL's, same shape
+    python bench.py profile --model DIR                     # where train.py's step time goes, part by part
+    python bench.py eval --model DIR                        # the quick start's 200-problem eval: shared prefix or not
+    python bench.py quickstart --model DIR                  # the quick start's step: --share-prefix or not
     python bench.py amp --model DIR                         # train.py's step: --dtype fp32 against bf16 autocast
     python bench.py lora --model DIR                        # full fine-tuning vs LoRA r=16 (time, memory); vs TRL+peft
     python bench.py memory                                  # per-rank GiB, DDP vs --fsdp, Qwen2.5 0.5B..7B shapes
@@ -24,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -465,6 +469,142 @@ def cmd_step(cfg):
     compare_with_trl(cfg, secs)
 
 
+class StageClock:
+    """Exclusive seconds per label of wrapped functions: a nested wrapped call's time is its own, not its caller's."""
+    def __init__(self, device="cpu"):
+        self.seconds, self.stack, self.t, self.undo = {}, [], 0.0, []
+        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)  # CUDA runs ahead of the host
+
+    def _switch(self, push=None):
+        self.sync()
+        now = time.perf_counter()
+        if self.stack:
+            self.seconds[self.stack[-1]] = self.seconds.get(self.stack[-1], 0.0) + now - self.t
+        self.stack.append(push) if push else self.stack.pop()
+        self.t = now
+
+    def wrap(self, owner, name, label):
+        """Time owner.name under label (a string, or a function of the call's arguments giving one or None)."""
+        fn = getattr(owner, name)
+
+        def timed(*a, **k):
+            lab = label(*a, **k) if callable(label) else label
+            if lab is None:  # not timed on its own: its time stays its caller's
+                return fn(*a, **k)
+            self._switch(lab)
+            try:
+                return fn(*a, **k)
+            finally:
+                self._switch()
+        setattr(owner, name, timed)
+        self.undo.append((owner, name, fn))
+
+    def restore(self):
+        for owner, name, fn in reversed(self.undo):
+            setattr(owner, name, fn)
+
+
+def prefill_or_none(self, input_ids, *a, cache=None, **k):
+    """sample.generate's prefill forwards (through the KV cache, several tokens a row); other forwards: None."""
+    return "sampling: prefill" if cache is not None and input_ids.shape[1] > 1 else None
+
+
+PROFILE_PARTS = [  # (module name, attribute, label): what each part of train.py's step is, in step order
+    ("train", "rollout", "sampling: other (host checks, uniforms, bookkeeping)"),
+    ("model.Transformer", "forward_hidden", prefill_or_none), ("sample", "decode_step", "sampling: decode forward"),
+    ("sample", "sample_token", "sampling: token draw"), ("train", "score", "rewards"),
+    ("train", "advantages", "advantages"), ("train", "reference_logprobs", "reference forward"),
+    ("train", "old_logprobs", "pi_old forward"), ("train", "update", "update: other (zero_grad, lr, syncs)"),
+    ("train", "shared_prefix", "policy forward (+ loss)"), ("train", "micro_batch_loss", "policy forward (+ loss)"),
+    ("torch.Tensor", "backward", "policy backward"), ("grpo.SharedPrefix", "backward", "policy backward"),
+    ("torch.nn.utils", "clip_grad_norm_", "optimizer (clip, AdamW)"),
+    ("torch.optim.AdamW", "step", "optimizer (clip, AdamW)"), ("train", "log_step", "logging and metric syncs"),
+    ("train", "print_step", "logging and metric syncs"), ("train", "log_rollouts", "logging and metric syncs")]
+
+
+def profile_steps(cfg, extra=()):
+    """({part: seconds over the timed steps}, the timed steps' summed step_s) of train.py at bench step's setting."""
+    import importlib
+    clock = StageClock(cfg.device)
+    for mod, attr, label in PROFILE_PARTS:
+        path = mod.split(".")
+        owner = importlib.import_module(path[0])
+        for p in path[1:]:
+            owner = getattr(owner, p)
+        clock.wrap(owner, attr, label)
+    warm = {}
+
+    def after_warm_up(run, step, *a, **k):  # the first step is the warm-up: its times are not counted
+        if step == 1:
+            warm.update(clock.seconds)
+        return real_log(run, step, *a, **k)
+    import train
+    real_log, train.log_step = train.log_step, after_warm_up
+    try:
+        rows = train_steps(cfg, extra=extra)
+    finally:
+        train.log_step = real_log
+        clock.restore()
+    parts = {k: v - warm.get(k, 0.0) for k, v in clock.seconds.items()}
+    return parts, sum(r["step_s"] for r in rows[1:])
+
+
+def cmd_profile(cfg):
+    """Where train.py's step time goes (bench step's setting): each part's share, with and without --share-prefix."""
+    for label, extra in (("--share-prefix (default)", ()), ("--no-share-prefix", ("--no-share-prefix",))):
+        parts, total = profile_steps(cfg, extra)
+        steps = cfg.trl_steps
+        print(f"\n{label}: {total / steps:.2f} s a step over {steps} timed steps (after one warm-up)")
+        named = sum(parts.values())
+        for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
+            print(f"  {k:<56}{v / steps:>8.3f} s {v / total:>7.1%}")
+        print(f"  {'outside the parts (the loop, fail_together, next_prompts)':<56}{(total - named) / steps:>8.3f} s "
+              f"{(total - named) / total:>7.1%}")
+        print(f"RESULT profile {label.split()[0]} step_s={total / steps:.3f}")
+
+
+QUICK_START = ["--task", "arith", "--prompts-per-step", "4", "--group-size", "8", "--max-new-tokens", "48",
+               "--lr", "2e-5", "--warmup-steps", "2", "--micro-batch", "32", "--eval-every", "0"]  # README's
+
+
+def cmd_eval(cfg):
+    """The quick start's 200-problem arith evaluation (one generate call, greedy): shared prefix or whole prompts."""
+    from evaluate import evaluate
+    from tasks import TASKS, parse_options
+    from tokenizer import Tokenizer
+    task, tok = TASKS["arith"], Tokenizer(cfg.model)
+    test = task.load("", "", **parse_options("arith", ""))[1]
+    model = Transformer.from_pretrained(cfg.model, device=cfg.device).eval()
+    prompts = [tok.encode_chat(task.prompt(ex)) for ex in test[:200]]
+    from sample import common_prefix
+    print(f"{len(prompts)} prompts of {min(map(len, prompts))}..{max(map(len, prompts))} tokens, "
+          f"{common_prefix(prompts)} of them shared by all")
+
+    def run(share):
+        return evaluate(model, tok, task, test, n=200, batch=200, max_new_tokens=48, amp=nullcontext(), rank=0,
+                        world=1, log=lambda *a, **k: None, share_prefix=share)
+    runs = {"shared prefix": (lambda s: run(True), lambda: None, None),
+            "whole prompts": (lambda s: run(False), lambda: None, None)}  # no warm-up: each run is minutes long
+    timed = time_interleaved(runs, cfg.repeats, cfg.device)
+    (a, ra), (b, rb) = timed["shared prefix"], timed["whole prompts"]
+    same = sum(x["completion"] == y["completion"] for x, y in zip(ra[0], rb[0]))
+    acc = sum(r["acc_strict"] for r in ra[0]) / len(ra[0])
+    print(f"identical completions: {same}/{len(ra[0])}; acc_strict {acc:.3f}")
+    ratio = statistics.median(b) / statistics.median(a)
+    print(f"RESULT eval shared={statistics.median(a):.1f}s whole={statistics.median(b):.1f}s speedup={ratio:.2f}x")
+
+
+def cmd_quickstart(cfg):
+    """The README quick start's train step (its settings, SmolLM2): --share-prefix against --no-share-prefix."""
+    out = {}
+    for label, extra in (("shared", ()), ("whole", ("--no-share-prefix",))):
+        rows = train_steps(cfg, extra=(*QUICK_START, *extra))  # later flags win: the quick start's task and batch
+        out[label] = statistics.median(r["step_s"] for r in rows[1:])
+        print(f"{label}: step seconds (first is warm-up) {[round(r['step_s'], 2) for r in rows]}")
+    print(f"RESULT quickstart shared={out['shared']:.2f}s whole={out['whole']:.2f}s "
+          f"speedup={out['whole'] / out['shared']:.2f}x")
+
+
 def cpu_flags():
     """The CPU's bf16-relevant instruction sets (Linux): whether bf16 autocast can be fast depends on them."""
     try:
@@ -764,7 +904,8 @@ def cmd_fsdp_rss(cfg):
 
 
 COMMANDS = {"sampler": cmd_sampler, "trl-step": cmd_trl_step, "step": cmd_step, "amp": cmd_amp, "lora": cmd_lora,
-            "memory": cmd_memory, "fsdp-rss": cmd_fsdp_rss}
+            "memory": cmd_memory, "fsdp-rss": cmd_fsdp_rss, "profile": cmd_profile, "eval": cmd_eval,
+            "quickstart": cmd_quickstart}
 
 
 def main(argv=None):

@@ -11,6 +11,7 @@ import torch
 import fsdp
 import judge
 import lora
+import report
 from grpo import LOSS_TYPES, RATIO_LEVELS
 from tasks import TASKS, TaskError, parse_options
 
@@ -40,8 +41,8 @@ class TrainConfig:
     cache_dir: str = arg("~/.cache/grpo", "where downloaded datasets are kept")
     out: str = arg("", "run dir for metrics, evals, checkpoints (default runs/TASK-TIMESTAMP)")
     resume: str = arg("", "run dir to continue from its last complete checkpoint (flags given now override)")
-    plot: str = arg("", "only plot the curves of this run dir (or dirs,joined,by,commas) to a PNG (--out, default "
-                    "RUN/curves.png), then exit")
+    plot: str = arg("", "only print the evaluations of this run dir (or dirs,joined,by,commas) side by side and plot "
+                    "their curves to a PNG (--out, default RUN/curves.png), then exit")
     eval_only: bool = arg(False, "only evaluate --model on the task's test split (eval.jsonl in --out), then exit")
     # ---- the batch: P prompts x G completions; GRPO's baseline is the group mean, so G is the variance knob
     steps: int = arg(200, "optimizer steps (x mu)")
@@ -98,6 +99,8 @@ class TrainConfig:
     # ---- memory and speed: none of these changes what is computed, only how
     micro_batch: int = arg(8, "rows per forward/backward; changes memory, not the gradient")
     logprob_chunk: int = arg(1024, "tokens per lm_head/log_softmax chunk")
+    share_prefix: bool = arg(True, "forward the prompts' common prefix (system turn, worked examples) once per rollout "
+                             "and per log-prob pass over the batch; off: every prompt whole (same results, slower)")
     grad_ckpt: bool = arg(False, "gradient checkpointing: recompute activations in backward")
     compile: bool = arg(False, "torch.compile the sampler's decode step (on CPU it measured slower than eager, which "
                         "packs weights for oneDNN)")
@@ -111,7 +114,11 @@ class TrainConfig:
     eval_batch: int = arg(64, "prompts per evaluation generate call")
     save_every: int = arg(50, "checkpoint every this many steps (and at the end)")
     keep_last: int = arg(2, "checkpoints to keep (older ones are deleted once a newer one is complete)")
+    report_to: str = arg("", "also send each metrics.jsonl and eval.jsonl line to tensorboard (RUN/tb), wandb, or "
+                         "both joined by a comma (report.py; each needs its package installed); empty: neither")
     print_every: int = arg(10, "print one sampled completion with its rewards every this many steps")
+    log_rollouts: int = arg(-1, "groups a step written to RUN/rollouts.jsonl, each with its prompt, completions, "
+                            "rewards and advantages (the first N drawn; -1 = all, 0 = no file; view: rollouts.py)")
     seed: int = arg(0, "base seed: data order, and each prompt's sampling stream")
     device: str = arg("", "cuda, cuda:N, cpu or mps; empty: cuda if available, else cpu")
 
@@ -175,6 +182,8 @@ def check_settings(cfg, world):
                  "beta", "adv_eps", "dynamic_max_rounds"):
         if not getattr(cfg, name) >= 0:  # `not >=` also refuses NaN
             raise BadInput(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.log_rollouts < -1:
+        raise BadInput(f"--log-rollouts must be -1 (all), 0 (none) or a number of groups, got {cfg.log_rollouts}")
     if cfg.seed >= 2 ** 64:
         raise BadInput(f"--seed must be < 2**64, got {cfg.seed}: it seeds 64-bit sampling streams")
     if cfg.group_size < 2:
@@ -233,9 +242,22 @@ def check_settings(cfg, world):
         except ValueError as e:
             raise BadInput(f"--lora-*: {e}")
     try:
+        report.tools(cfg.report_to)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    try:
         return parse_options(cfg.task, cfg.task_opts)
     except TaskError as e:
         raise BadInput(str(e)) from None
+
+
+def describe(cfg):
+    """The run in one console line; every setting is in RUN/config.json (checkpoint.start_records writes it)."""
+    what = f"{cfg.task}" + (f" ({cfg.task_opts})" if cfg.task_opts else "") + f" on {cfg.model}"
+    if cfg.eval_only:
+        return f"evaluating {what}: {cfg.eval_n} test problems at most; every setting in {cfg.out}/config.json"
+    return (f"training {what}: {cfg.steps} steps of {cfg.prompts_per_step} prompts x {cfg.group_size} completions, "
+            f"lr {cfg.lr:g}, beta {cfg.beta:g}; run dir {cfg.out}, every setting in {cfg.out}/config.json")
 
 
 def pick_device(cfg, world):

@@ -1,7 +1,8 @@
 """Held-out evaluation, greedy so that a score is a property of the weights alone: pass@1 on test problems, or
 whole test games played to their end; sharded across ranks, recorded in the run dir.
 
-eval.jsonl gets one line of scores per evaluation, eval/step-N.jsonl every completion (or game) it scored.
+eval.jsonl gets one line of scores per evaluation, eval/step-N.jsonl every completion (with its question and
+gold answer) or game (with its secret and turns) it scored.
 Legend: N rows (one per problem in an evaluation batch).
 """
 import json
@@ -14,6 +15,7 @@ from checkpoint import append_jsonl
 from play import play
 from ranks import fail_together, gather_records
 from sample import generate
+from tasks import example_view
 
 
 def completion_texts(tok, ro):
@@ -33,7 +35,7 @@ def progress(log, *, done, world, total, mine, t0, scores, unit=""):
 
 
 @torch.no_grad()
-def evaluate(model, tok, task, test, *, n, batch, max_new_tokens, amp, rank, world, log=print):
+def evaluate(model, tok, task, test, *, n, batch, max_new_tokens, amp, rank, world, log=print, share_prefix=True):
     """Greedy pass@1 on this rank's share of the first n test problems: one row per problem, with its metrics."""
     total = min(n, len(test))
     mine = list(range(rank, total, world))
@@ -43,9 +45,11 @@ def evaluate(model, tok, task, test, *, n, batch, max_new_tokens, amp, rank, wor
         prompts = [tok.encode_chat(task.prompt(test[i])) for i in idx]
         with amp:
             ro = generate(model, prompts, G=1, max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids,
-                          vocab_size=tok.vocab_size, pad_id=tok.pad_id)
-        for i, text in zip(idx, completion_texts(tok, ro)):
-            rows.append({"index": i, "completion": text, **{k: f(text, **test[i]) for k, f in task.metrics.items()}})
+                          vocab_size=tok.vocab_size, pad_id=tok.pad_id, share_prefix=share_prefix)
+        for i, text in zip(idx, completion_texts(tok, ro)):  # the question and gold answer: a row reads on its own
+            question, gold = example_view(task, test[i])
+            rows.append({"index": i, "question": question, "gold": gold, "completion": text,
+                         **{k: f(text, **test[i]) for k, f in task.metrics.items()}})
         accs = " ".join(f"{k} {sum(r[k] for r in rows) / len(rows):.3f}" for k in task.metrics)
         progress(log, done=len(rows), world=world, total=total, mine=len(mine), t0=t0, scores=accs)
     return rows

@@ -52,7 +52,8 @@ The loss is -J. Where this code departs from the paper or offers options:
 12. Not a departure, a note on cost: `token_logprobs` forwards each distinct prompt once and only the completions
     G times, attending to the prompt's keys/values (for the policy's update and the reference alike). The values
     and gradients are those of G full forwards (same math, fewer FLOPs: the full forwards recompute the prompt in
-    each of the G rows).
+    each of the G rows). Above that, `SharedPrefix` forwards the prefix all prompts share (the chat template's
+    system turn and worked examples) once per optimizer batch, for all its micro-batches.
 Legend: P prompts, G group, N = P*G rows, U distinct prompts, T completion time, Tp prompt time, L shared prompt
 prefix, C hidden, V vocab, M masked tokens, K kv heads, D head dim.
 """
@@ -185,11 +186,12 @@ class SharedPrefix:
         else:
             ids = torch.zeros(1, 1, dtype=torch.long, device=dev)  # fixed: a forward no row attends to
         kv = model.forward_hidden(ids, return_kv=True)[1]  # layers x 2 x (1, K, L, D)
-        if torch.is_grad_enabled():
-            self._out = [t for pair in kv for t in pair]
-            kv = [(k.detach().requires_grad_(), v.detach().requires_grad_()) for k, v in kv]
+        # (with LoRA a frozen projection's keys/values in the first layer need no gradient: left as they are)
+        out = [t for pair in kv for t in pair if t.requires_grad]
+        if out:
+            kv = [tuple(t.detach().requires_grad_() if t.requires_grad else t for t in pair) for pair in kv]
+            self._out, self._leaves = out, [t for pair in kv for t in pair if t.requires_grad]
         self.kv = kv if self.length else None
-        self._leaves = [t for pair in kv for t in pair]
 
     def backward(self):
         """Send the micro-batches' summed gradients through the prefix forward (with fixed, also when they are 0)."""

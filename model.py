@@ -4,7 +4,7 @@ Module and parameter names equal the Hugging Face ones, so a checkpoint loads wi
 `load_state_dict(strict=True, assign=True)` onto a meta-device model and saves with no rename table.
 The families differ only by flags read from config.json (see ModelConfig.from_dict).
 Legend: B batch, T query time, S key time, S0 keys passed in as `past`, C hidden, H heads, K kv heads, D head dim,
-F mlp dim, V vocab, L layers.
+F mlp dim, V vocab, L layers, S1 keys every row shares (attend_shared).
 """
 import json
 import os
@@ -104,8 +104,9 @@ class KVCache:
     """Preallocated keys and values of every layer, passed in explicitly by the caller (sample.py)."""
     # Rows are left-padded, so every row writes its next token at the same index `pos`. `valid` marks which
     # indices hold a real token, which is what the attention mask is built from. `rows` selects the rows a
-    # forward writes: sample.py prefills the prompts' common prefix into row 0 and `share_row0` copies it to every
-    # row, then the prompts' own suffixes into rows 0, G, 2G, ..., and `fan_out(G)` copies those to their groups.
+    # forward writes: sample.py prefills P prompts into rows 0, G, 2G, ... and then `fan_out(G)` copies them.
+    # `shared`: a 1-row KVCache of a prefix that every row's tokens follow (the prompts' common prefix): its keys and
+    # values are stored and read once for all rows, and every query attends to all of them (`attend_shared`).
     # One tensor per layer, written with index_copy_: under torch.compile a slice assignment into one big
     # (L, B, K, S, D) tensor becomes a copy of the whole cache per layer.
     def __init__(self, cfg, batch, max_len, device=None, dtype=torch.float32):
@@ -113,7 +114,7 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # (B, S)
-        self.pos, self.rows = 0, slice(None)
+        self.pos, self.rows, self.shared = 0, slice(None), None
 
     def write(self, layer, k, v):
         """Store k, v (B, K, T, D) at [pos, pos+T) and return this layer's keys/values up to pos+T."""
@@ -123,12 +124,6 @@ class KVCache:
         kc.index_copy_(2, idx, k.to(kc.dtype))
         vc.index_copy_(2, idx, v.to(vc.dtype))
         return kc[:, :, :end], vc[:, :, :end]  # (B, K, S', D) each
-
-    def share_row0(self):
-        """Copy row 0's positions [0, pos) into every row: a prefix all rows share, prefilled once (sample.py)."""
-        for t in self.k + self.v:
-            t[1:, :, :self.pos] = t[:1, :, :self.pos]
-        self.valid[1:, :self.pos] = self.valid[:1, :self.pos]
 
     def fan_out(self, G):
         """Copy row g*G (filled by prefill) into rows g*G+1 .. g*G+G-1, for positions [0, pos)."""
@@ -177,21 +172,45 @@ class Attention(nn.Module):
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, K, T, D)
         kv = (k, v)  # this call's keys (already rotated) and values: what a later call takes as `past`
+        shared = cache.shared if cache is not None else None
         if cache is not None:
             k, v = cache.write(layer, k, v)  # (B, K, S, D)
         elif past is not None:
             # functional, not a cache write: a new tensor, so autograd reaches the past's producer through it
             k = torch.cat([past[0], k], 2)  # (B, K, S0+T, D)
             v = torch.cat([past[1], v], 2)  # (B, K, S0+T, D)
-        # mask None means plain causal with T == S; otherwise an explicit (B, 1, T, S) bool mask
-        gqa = self.K != self.H
-        if gqa and mask is not None and q.device.type in REPEAT_KV_WITH_MASK:
-            k = k.repeat_interleave(self.H // self.K, dim=1)  # (B, H, S, D): head h reads kv head h // (H/K)
-            v = v.repeat_interleave(self.H // self.K, dim=1)  # (B, H, S, D)
-            gqa = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        if shared is not None:  # a prefix every row follows, its keys/values stored once (KVCache.shared)
+            y = attend_shared(q, shared.k[layer], shared.v[layer], k, v, mask)  # (B, H, T, D)
+        else:  # mask None means plain causal with T == S; otherwise an explicit (B, 1, T, S) bool mask
+            gqa = self.K != self.H
+            if gqa and mask is not None and q.device.type in REPEAT_KV_WITH_MASK:
+                k = k.repeat_interleave(self.H // self.K, dim=1)  # (B, H, S, D): head h reads kv head h // (H/K)
+                v = v.repeat_interleave(self.H // self.K, dim=1)  # (B, H, S, D)
+                gqa = False
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         y = self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))  # (B, T, C)
         return (y, kv) if return_kv else y
+
+
+def attend_shared(q, sk, sv, k, v, mask):
+    """Attention of q (B, H, T, D) over keys all rows share, sk/sv (1, K, S1, D), then each row's own (B, K, S, D)."""
+    # One softmax over the S1 shared keys and the S own ones (mask (B, 1, T, S) applies to the own ones; every query
+    # sees the whole prefix, which precedes all its tokens): the same attention as over the concatenated keys, but
+    # the shared keys/values are read once for all B rows, as one (K, B*Hg*T, S1) batch, instead of once per row.
+    # In fp32 also under autocast: bf16 scores would round by up to 0.125 at |s| ~ 16 (SDPA accumulates in fp32 too).
+    B, H, T, D = q.shape
+    K, S1 = k.shape[1], sk.shape[2]
+    Hg = H // K  # query heads per kv head: head h reads kv head h // Hg
+    with torch.autocast(q.device.type, enabled=False):
+        qg = q.float().reshape(B, K, Hg * T, D) * D ** -0.5  # (B, K, Hg*T, D)
+        qs = qg.transpose(0, 1).reshape(1, K, B * Hg * T, D)  # (1, K, B*Hg*T, D): every row's queries, one batch
+        s_shared = (qs @ sk.float().transpose(-1, -2)).view(K, B, Hg * T, S1).transpose(0, 1)  # (B, K, Hg*T, S1)
+        s_own = qg @ k.float().transpose(-1, -2)  # (B, K, Hg*T, S)
+        own = mask.unsqueeze(2).expand(B, 1, Hg, T, mask.shape[-1]).reshape(B, 1, Hg * T, -1)  # (B, 1, Hg*T, S)
+        p = torch.cat([s_shared, s_own.masked_fill(~own, float("-inf"))], -1).softmax(-1)  # (B, K, Hg*T, S1+S)
+        ps = p[..., :S1].transpose(0, 1).reshape(1, K, B * Hg * T, S1)  # (1, K, B*Hg*T, S1)
+        y = (ps @ sv.float()).view(K, B, Hg * T, D).transpose(0, 1) + p[..., S1:] @ v.float()  # (B, K, Hg*T, D)
+    return y.reshape(B, H, T, D).to(q.dtype)  # (B, H, T, D)
 
 
 class MLP(nn.Module):

@@ -1,9 +1,9 @@
 """KV-cached batched sampling of G completions per prompt, returning the log-probs of the sampled tokens.
 
-The prompts' common prefix (a chat template's system message and worked examples) is prefilled once and copied to
-every row of one preallocated cache; then each prompt's own suffix once (left-padded, per-row positions, explicit
-mask) into rows 0, G, 2G, ..., copied to its G rows; then the unfinished rows decode one token per step: rows that
-stopped leave the batch (and the cache) at the next host check.
+The prompts' common prefix (a chat template's system message and worked examples) is prefilled once into a 1-row
+cache whose keys and values every row attends to; then each prompt's own suffix once (left-padded, per-row positions,
+explicit mask) into rows 0, G, 2G, ... of one preallocated cache, copied to its G rows; then the unfinished rows decode
+one token per step: rows that stopped leave the batch (and the cache) at the next host check.
 Legend: P prompts, G group, N = P*G rows, n <= N rows still decoding, Tp prompt time, Tc completion time, V vocab.
 """
 from contextlib import contextmanager
@@ -196,9 +196,9 @@ def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_
         ids[i, Tp - len(p):] = torch.tensor(p, device=dev)
     pmask = torch.arange(Tp, device=dev) >= Tp - lens[:, None]  # (P, Tp)
     L = common_prefix(prompts) if share_prefix and P > 1 else 0
-    cache = KVCache(model.config, N, Tp + max_new_tokens, dev, dtype)
-    # each row's cache: [prefix (L)] [padding] [its own suffix] [completion]; positions count real tokens only
-    # (as in one forward of the whole prompt), so the padding between prefix and suffix changes nothing
+    cache = KVCache(model.config, N, Tp - L + max_new_tokens, dev, dtype)
+    # each row's cache: [padding] [its own suffix] [completion], after the prefix's (cache.shared, stored once);
+    # positions count real tokens only (as in one forward of the whole prompt), so the padding changes nothing
     sids = torch.full((P, Tp - L), pad_id, dtype=torch.long, device=dev)  # each prompt's suffix, left-padded
     for i, p in enumerate(prompts):
         sids[i, Tp - len(p):] = torch.tensor(p[L:], device=dev)
@@ -216,10 +216,9 @@ def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_
     fin = torch.zeros(N, dtype=torch.bool, device=dev)  # (n,) batch rows finished since the last compaction
     Tc = max_new_tokens
     with packed_linears(model, N, enable=not compile):  # CPU only
-        if L:
-            cache.rows = slice(0, 1)
-            model.forward_hidden(torch.tensor([prompts[0][:L]], device=dev), cache=cache)  # (1, L, C), unused
-            cache.share_row0()
+        if L:  # the prefix's keys/values: one row, read by every row's attention (model.attend_shared)
+            cache.shared = KVCache(model.config, 1, L, dev, dtype)
+            model.forward_hidden(torch.tensor([prompts[0][:L]], device=dev), cache=cache.shared)  # (1, L, C) unused
         cache.rows = slice(None, None, G)
         h = model.forward_hidden(sids, positions=spos, attn_mask=smask, cache=cache)  # (P, Tp-L, C)
         cache.fan_out(G)

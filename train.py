@@ -11,10 +11,12 @@ train_loop() (main() calls it), whose loop shows the stages in order and nothing
   5. reference_logprobs, old_logprobs   the frozen reference's (beta > 0) and pi_old's (mu > 1) token log-probs
   6. update         clipped surrogate - beta * k3, backward over micro-batches, optimizer step(s)   (grpo.py)
   7. log_step       one metrics.jsonl line, reduced over ranks; then eval and checkpoint on schedule
+     7b. log_rollouts every group's completions, rewards and advantages to rollouts.jsonl (rollouts.py)
 The plumbing lives in files named for it: config.py (flags, checks, device), checkpoint.py (run dir, save,
 resume, Ctrl-C), ranks.py (torch.distributed helpers, fail_together), fsdp.py (--fsdp: sharded weights, gathered
-once per rollout and per phase of a step), evaluate.py (held-out evaluation) and plot.py (curves). What to train
-on lives in tasks.py: adding a task never touches this file.
+once per rollout and per phase of a step), evaluate.py (held-out evaluation), plot.py (curves, evaluations side
+by side) and report.py (--report-to TensorBoard/W&B, the console's heartbeat). What to train on lives in tasks.py:
+adding a task never touches this file.
 
 Dtype policy, set here once (--dtype; measured in docs/results.md): weights, optimizer state and checkpoints are fp32.
 With bf16 (the default on CUDA; on CPU only when asked) every forward runs under bf16 autocast: sampler, token
@@ -24,12 +26,11 @@ move the ratio by rounding alone). The judge (--judge), frozen and never compare
 bf16 under bf16. --fsdp keeps this policy: fp32 shards, gathered fp32, the same autocast (fsdp.py).
 Legend: P prompts per rank per step, G group, N = P*G rows, n rows trained on, T completion time.
 """
-import json
 import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -38,19 +39,22 @@ import torch
 import fsdp
 import judge
 import lora
+import report
 from checkpoint import (append_jsonl, base_model_of, check_resume, interrupted, last_checkpoint, load_judge,
                         load_policy, load_reference, prepare_out, read_jsonl, read_resume, resolve_judge, resolve_model,
                         save, start_records)
-from config import BadInput, TrainConfig, check_settings, parse_args, pick_device
+from config import BadInput, TrainConfig, check_settings, describe, parse_args, pick_device
 from evaluate import completion_texts, evaluate_and_record
-from grpo import group_advantages, grpo_loss, loss_normalizer, mismatch, tis_weights, token_logprobs
+from grpo import SharedPrefix, group_advantages, grpo_loss, loss_normalizer, mismatch, tis_weights, token_logprobs
 from model import Transformer, is_hub_id
 from play import play
 from plot import plot
-from ranks import all_max, all_or, all_sum, fail_together, finish, oom_advice, start_ranks, sum_grads, world_and_rank
+from ranks import (all_max, all_or, all_sum, fail_together, finish, gather_records, oom_advice, start_ranks, sum_grads,
+                   world_and_rank)
 from rewards import combine
+from rollouts import append_groups, group_line, rollout_rows
 from sample import Rollout, cat_rollouts, generate, stream_seed, take_rows
-from tasks import TASKS, Task, TaskError, judge_view, prompt_text
+from tasks import TASKS, Task, TaskError, example_view, judge_view, prompt_text
 from tokenizer import Tokenizer
 
 
@@ -76,6 +80,7 @@ class Run:
     start: int  # last completed step (0 for a new run)
     log: object  # print on rank 0, a no-op elsewhere
     base_model: str  # checkpoint.fingerprint of --model (the run's initial weights), saved with every checkpoint
+    report: report.Reporter  # --report-to: TensorBoard, W&B (report.py); does nothing without them, off rank 0
 
 
 def lr_at(step, cfg):
@@ -98,18 +103,23 @@ def data_indices(step, cfg, n):
     return [int(np.random.default_rng([cfg.seed, int(q) // n]).permutation(n)[q % n]) for q in pos], pos
 
 
-def next_prompts(run, step, round_=0):
-    """1. This rank's share of the step's prompts: (examples, each one's sampling-stream key)."""
-    # round_ > 0 is an extra round of --dynamic-sampling. Rank r takes prompts r*P .. r*P+P-1 of the step's global
-    # batch, so the split never changes what is drawn. A key names a prompt's place in the run: (0, its data
+def step_prompts(run, step, round_=0):
+    """Every rank's prompts of a step's round: (their dataset indices, each one's sampling-stream key)."""
+    # round_ > 0 is an extra round of --dynamic-sampling. A key names a prompt's place in the run: (0, its data
     # position, 0, 0), or in an extra round (1, step, round, its index in the round).
     cfg, n = run.cfg, len(run.train)
     if round_ == 0:
         idx, pos = data_indices(step, cfg, n)
-        keys = [(0, int(q), 0, 0) for q in pos]
-    else:  # drawn from (seed, step, round) alone, so the data order, resume and rank count stay as without them
-        idx = np.random.default_rng([cfg.seed, step, round_]).integers(n, size=cfg.prompts_per_step).tolist()
-        keys = [(1, step, round_, j) for j in range(cfg.prompts_per_step)]
+        return idx, [(0, int(q), 0, 0) for q in pos]
+    # drawn from (seed, step, round) alone, so the data order, resume and rank count stay as without them
+    idx = np.random.default_rng([cfg.seed, step, round_]).integers(n, size=cfg.prompts_per_step).tolist()
+    return idx, [(1, step, round_, j) for j in range(cfg.prompts_per_step)]
+
+
+def next_prompts(run, step, round_=0):
+    """1. This rank's share of the step's prompts: (examples, each one's sampling-stream key)."""
+    # Rank r takes prompts r*P .. r*P+P-1 of the step's global batch, so the split never changes what is drawn.
+    idx, keys = step_prompts(run, step, round_)
     sl = slice(run.rank * run.P, (run.rank + 1) * run.P)
     return [run.train[i] for i in idx[sl]], keys[sl]
 
@@ -145,7 +155,8 @@ def rollout(run, examples, keys):
         with run.amp():
             ro = generate(run.model, prompts, G=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                           top_p=cfg.top_p, top_k=cfg.top_k, stop_ids=run.tok.stop_ids, generator=gens,
-                          vocab_size=run.tok.vocab_size, pad_id=run.tok.pad_id, compile=cfg.compile)
+                          vocab_size=run.tok.vocab_size, pad_id=run.tok.pad_id, compile=cfg.compile,
+                          share_prefix=cfg.share_prefix)
     return Sampled(ro=ro, texts=completion_texts(run.tok, ro), extra=[{}] * len(ro.lengths), seconds=time.time() - t0)
 
 
@@ -154,6 +165,7 @@ class Scored:
     """Rollouts with their rewards and metrics; row i belongs to prompt i // G."""
     ro: Rollout
     texts: list  # (N,)
+    extra: list  # (N,) the rows' extra fields: {} or {"game": the game's record} (Sampled.extra)
     total: torch.Tensor  # (N,) the weighted total reward
     per_fn: dict  # {reward function's name: (N,) its unweighted values}
     task_metrics: dict  # {the task's metric (acc_*, ...): (N,) 0/1 values}
@@ -182,7 +194,8 @@ def score(run, examples, sampled):
     judge_s = time.time() - t0
     ptexts = [prompt_text(task.prompt(ex)) for ex in examples]  # once per prompt, not per completion
     scored = [combine(reward_list, t, prompt=ptexts[i // G], **ex) for i, (t, ex) in enumerate(zip(texts, rows))]
-    return Scored(ro=sampled.ro, texts=texts, total=torch.tensor([tot for tot, _ in scored]),  # (N,)
+    return Scored(ro=sampled.ro, texts=texts, extra=sampled.extra,
+                  total=torch.tensor([tot for tot, _ in scored]),  # (N,)
                   per_fn={k: [per[k] for _, per in scored] for k in (scored[0][1] if scored else {})},
                   task_metrics={k: [f(t, **ex) for t, ex in zip(texts, rows)] for k, f in metric_fns.items()},
                   judge_mass=mass, sample_s=sampled.seconds, judge_s=judge_s)
@@ -210,6 +223,7 @@ def merge_rounds(parts, pad_id):
     """One Scored holding the rows of several rounds, in round order."""
     first = parts[0]
     return Scored(ro=cat_rollouts([p.ro for p in parts], pad_id), texts=sum((p.texts for p in parts), []),
+                  extra=sum((p.extra for p in parts), []),
                   total=torch.cat([p.total for p in parts]),  # (N * rounds,)
                   per_fn={k: sum((p.per_fn[k] for p in parts), []) for k in first.per_fn},
                   task_metrics={k: sum((p.task_metrics[k] for p in parts), []) for k in first.task_metrics},
@@ -289,12 +303,23 @@ def micro_batches(run, ro):
     return [slice(s, s + run.cfg.micro_batch) for s in range(0, ro.completion_mask.shape[0], run.cfg.micro_batch)]
 
 
-def logprobs(run, m, ro, sl, entropy=False):
+def shared_prefix(run, m, ro):
+    """The prompt prefix every row shares (system turn, worked examples), forwarded once for all micro-batches."""
+    # --fsdp: a forward (and under autograd a backward) on every rank, whatever its rows (grpo.SharedPrefix)
+    sharded = fsdp.is_sharded(m)
+    if not run.cfg.share_prefix and not sharded:
+        return None
+    if not run.cfg.share_prefix:  # a forward no row attends to, for the same collectives as the ranks that share
+        return SharedPrefix(m, ro.prompt_ids[:0], ro.prompt_mask[:0], fixed=True)
+    return SharedPrefix(m, ro.prompt_ids, ro.prompt_mask, fixed=sharded)
+
+
+def logprobs(run, m, ro, sl, entropy=False, prefix=None):
     """Token log-probs (rows, T) of the completions under model m at the sampling temperature (and entropies)."""
     # --fsdp: the same two forwards on every rank, whatever its rows, so its backward's reduce-scatters match theirs
     return token_logprobs(m, ro.prompt_ids[sl], ro.prompt_mask[sl], ro.completion_ids[sl], ro.completion_mask[sl],
                           temperature=run.cfg.temperature, chunk=run.cfg.logprob_chunk, entropy=entropy,
-                          fixed_forwards=fsdp.is_sharded(m))
+                          fixed_forwards=fsdp.is_sharded(m), prefix=prefix)
 
 
 def loss_mask(run, ro):
@@ -312,10 +337,10 @@ def reference_logprobs(run, ro):
         mbs = micro_batches(run, ro)
         if not mbs or not loss_mask(run, ro).any():  # no rows, or every one cut: the KL is moot
             return None
-        if run.ref is not None:
-            return torch.cat([logprobs(run, run.ref, ro, sl) for sl in mbs])
-        with lora.adapters_off(run.model):  # LoRA: the reference is the base model, adapters off
-            return torch.cat([logprobs(run, run.model, ro, sl) for sl in mbs])
+        m = run.ref if run.ref is not None else run.model
+        with lora.adapters_off(run.model) if run.ref is None else nullcontext():  # LoRA: the base model, adapters off
+            prefix = shared_prefix(run, m, ro)
+            return torch.cat([logprobs(run, m, ro, sl, prefix=prefix) for sl in mbs])
 
 
 @torch.no_grad()
@@ -328,7 +353,10 @@ def old_logprobs(run, ro):
         return None
     with run.amp(), fsdp.gathered(run.model):  # on every rank, as above
         mbs = micro_batches(run, ro)
-        return torch.cat([logprobs(run, run.model, ro, sl) for sl in mbs]) if mbs else None
+        if not mbs:
+            return None
+        prefix = shared_prefix(run, run.model, ro)
+        return torch.cat([logprobs(run, run.model, ro, sl, prefix=prefix) for sl in mbs])
 
 
 def observe(sums, ent, old, ro, sl):
@@ -357,11 +385,12 @@ class Updated:
     lr: float
 
 
-def micro_batch_loss(run, step, sl, *, ro, adv, mask, norm, ref_lp, old_lp, first_pass, sums):
+def micro_batch_loss(run, step, sl, *, ro, adv, mask, norm, ref_lp, old_lp, first_pass, sums, prefix):
     """One micro-batch's share of the loss (the caller runs its backward); adds its numbers to the step's sums."""
     cfg, model = run.cfg, run.model
     with run.amp():  # on the first pass also the entropy (a softmax per chunk, for a metric)
-        lp, ent = logprobs(run, model, ro, sl, entropy=True) if first_pass else (logprobs(run, model, ro, sl), None)
+        out = logprobs(run, model, ro, sl, entropy=first_pass, prefix=prefix)
+        lp, ent = out if first_pass else (out, None)
     old = lp.detach() if old_lp is None else old_lp[sl]  # the trainer's pi_old
     if first_pass:
         observe(sums, ent, old, ro, sl)
@@ -410,12 +439,17 @@ def update(run, step, *, ro, adv, ref_lp, old_lp):
         for g in opt.param_groups:
             g["lr"] = lr
         with fsdp.gathered(model), pass_guard():  # --fsdp: whole weights for the pass (fsdp.py)
+            with micro_guard(), run.amp():
+                prefix = shared_prefix(run, model, ro)  # forwarded once for every micro-batch of the pass
             for sl in mbs + [None] * pad:
                 with micro_guard():
                     loss = fsdp.zero_loss(model) if sl is None else micro_batch_loss(
                         run, step, sl, ro=ro, adv=adv, mask=mask, norm=norm, ref_lp=ref_lp, old_lp=old_lp,
-                        first_pass=pass_ == 0, sums=sums)
+                        first_pass=pass_ == 0, sums=sums, prefix=prefix)
                 loss.backward()
+            with micro_guard():
+                if prefix is not None:
+                    prefix.backward()  # the micro-batches' gradients, summed, through the one prefix forward
         reduce_grads(run)  # DDP: summed over ranks, not averaged (each rank's loss has the global normaliser)
         with fail_together(cfg, run.world, step):  # Adam's first step allocates its state: a likely place for OOM
             gn = fsdp.whole(torch.nn.utils.clip_grad_norm_(trainable(model), cfg.grad_clip or float("inf")))
@@ -476,7 +510,39 @@ def log_step(run, step, *, batch, adv, upd, times):
         metrics.update(judge_s=g["judge_s"] / w, judge_len_corr=judge.length_correlation(g, n))
     if run.rank == 0:
         append_jsonl(os.path.join(cfg.out, "metrics.jsonl"), metrics)
+        run.report.log(metrics, "train")
     return metrics
+
+
+def log_rollouts(run, step, *, batch, adv):
+    """7b. The step's groups, each with its prompt, completions, rewards and advantages, to rollouts.jsonl."""
+    # What the means of log_step are made of, for reading what the model was rewarded for (rollouts.py shows a
+    # step). Every group drawn is logged, those that --dynamic-sampling dropped with no advantage; a group never
+    # spans ranks, so each rank builds its own and rank 0 writes them all in draw order: N ranks log what 1
+    # process would. --log-rollouts N keeps the first N groups of the step, 0 none.
+    cfg, d, G, P, cap = run.cfg, batch.drawn, run.cfg.group_size, run.P, run.cfg.log_rollouts
+    if cap == 0:
+        return
+    with fail_together(cfg, run.world, step):
+        trained = range(len(d.texts)) if batch.rows is None else batch.rows.tolist()
+        advs = dict(zip(trained, adv.values.tolist()))  # {row: its advantage}, for the rows trained on
+        rows = rollout_rows(texts=d.texts, extra=d.extra, total=d.total.tolist(), rewards=d.per_fn,
+                            metrics=d.task_metrics, lengths=d.ro.lengths.tolist(), stopped=d.ro.stopped.tolist(),
+                            advantages=[advs.get(i) for i in range(len(d.texts))])  # (N * rounds,) a dict a row
+        groups = []
+        for k in range(len(d.texts) // (P * G)):  # round k: this rank's P groups of G rows
+            idx = step_prompts(run, step, k)[0][run.rank * P:(run.rank + 1) * P]
+            for p, i in enumerate(idx):
+                place = run.rank * P + p  # the group's place among the round's prompts, over all ranks
+                if cap > 0 and k * cfg.prompts_per_step + place >= cap:  # past the step's first N groups
+                    continue
+                question, gold = example_view(run.task, run.train[i])
+                groups.append(group_line(step=step, round_=k, group=place, index=i, question=question, gold=gold,
+                                         rows=rows[(k * P + p) * G:(k * P + p + 1) * G]))
+    groups = gather_records(groups, run.world, order=lambda g: (g["round"], g["group"]))
+    with fail_together(cfg, run.world, step):  # rank 0 writes; if that fails, every rank ends with its message
+        if run.rank == 0:
+            append_groups(os.path.join(cfg.out, "rollouts.jsonl"), groups)
 
 
 def print_step(run, step, metrics, *, batch, t_run):
@@ -495,8 +561,11 @@ def print_step(run, step, metrics, *, batch, t_run):
 def run_eval(run, step):
     """Greedy held-out evaluation (evaluate.py): the before and after of every learning claim."""
     with fsdp.gathered(run.model):  # --fsdp: all-gathered once for the whole evaluation
-        return evaluate_and_record(run.model, run.tok, run.task, run.test, step, cfg=run.cfg, amp=run.amp(),
-                                   rank=run.rank, world=run.world, log=run.log)
+        scores = evaluate_and_record(run.model, run.tok, run.task, run.test, step, cfg=run.cfg, amp=run.amp(),
+                                     rank=run.rank, world=run.world, log=run.log)
+    if scores is not None:  # None: --eval-n 0
+        run.report.log({"step": step, **scores}, "eval")
+    return scores
 
 
 def save_checkpoint(run, step):
@@ -573,7 +642,11 @@ def setup(cfg, given):
         torch.set_rng_state(resumed.state["rng"]["torch"])
     if rank == 0:
         start_records(cfg, resumed.step if resumed else 0)
-    log(json.dumps(asdict(cfg)))
+    try:  # --report-to: TensorBoard, W&B; rank 0 only
+        reporter = report.start(cfg, start=resumed.step if resumed else 0, rank=rank)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    log(describe(cfg))
     log(f"{len(train)} train / {len(test)} test examples; {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
         f"params on {device} x {world}{' (FSDP)' if cfg.fsdp else ''}, {'bf16 autocast' if bf16 else 'fp32'}; "
         + (f"LoRA r={cfg.lora_rank} on {cfg.lora_targets}: {sum(p.numel() for p in trainable(model)) / 1e6:.2f}M "
@@ -584,7 +657,7 @@ def setup(cfg, given):
     return Run(cfg=cfg, task=TASKS[cfg.task], train=train, test=test, tok=tok, tok_files=tok_files, model=model,
                ref=ref, judge=jm, opt=opt, amp=amp, device=device, rank=rank, world=world,
                games=TASKS[cfg.task].game is not None and opts.get("mode") == "games", P=cfg.prompts_per_step // world,
-               start=resumed.step if resumed else 0, log=log, base_model=base_model)
+               start=resumed.step if resumed else 0, log=log, base_model=base_model, report=reporter)
 
 
 # ----------------------------------------------------------------------------- main: the loop
@@ -618,6 +691,7 @@ def train_loop(run):
             times = {"sample_s": batch.drawn.sample_s, "judge_s": batch.drawn.judge_s, "train_s": time.time() - t0,
                      "step_s": time.time() - t_step}
             metrics = log_step(run, step, batch=batch, adv=adv, upd=upd, times=times)  # 7. one metrics.jsonl line
+            log_rollouts(run, step, batch=batch, adv=adv)          # 7b. every group to rollouts.jsonl
             print_step(run, step, metrics, batch=batch, t_run=t_run)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:  # then eval, checkpoint
                 run_eval(run, step)
@@ -643,7 +717,11 @@ def main(argv=None):
             run = setup(cfg, given)
         except KeyboardInterrupt:
             interrupted(cfg, 0, started=False)
-        train_loop(run)
+        try:
+            with report.heartbeat(run, loop=train_loop):  # a line when the console is silent longer than expected
+                train_loop(run)
+        finally:
+            run.report.close()
         finish(run.world)
     except (BadInput, FloatingPointError) as e:  # the one-line exit; the lower files raise, only this prints
         raise SystemExit(f"train.py: error: {e}") from None

@@ -2,10 +2,12 @@
 
 README: N ranks compute the update of 1 process; micro-batching changes memory, not the gradient; a resumed run
 equals the uninterrupted one; gradient checkpointing changes nothing but memory. For each drawn configuration (adv
-scale, loss type, ratio level, mu, beta, LoRA, dynamic sampling, overlong filtering, TIS, ...) on the tiny random
-model, one 2-step, full-batch, 1-process run (in-process, cached per configuration and shared by the four tests) is
-compared with: the same step with --micro-batch < rows; with --grad-ckpt; the run deleted back to step 1 and resumed;
-and (last, the slow one: torchrun) the same step on 2 ranks, data-parallel or sharded (--fsdp). What is compared is
+scale, loss type, ratio level, mu, beta, LoRA, dynamic sampling, overlong filtering, TIS, the shared prompt prefix,
+...) on the tiny random model, one 2-step, full-batch, 1-process run (in-process, cached per configuration and shared
+by the four tests) is compared with: the same step with --micro-batch < rows; with --grad-ckpt; the run deleted back
+to step 1 and resumed; and (last, the slow one: torchrun) the same step on 2 ranks, data-parallel or sharded (--fsdp).
+The 1-process run forwards every prompt whole; the variants forward the prompts' shared prefix once where the
+configuration draws it (--share-prefix, the default). What is compared is
 the gradient of every trainable parameter as the optimizer receives it (a global optimizer pre-step hook records each
 opt.step(), all mu of them, and also records that a step with nothing to learn from made none) and the step's log
 line (loss, grad norm and every other value but timing); for resume, bit for bit, the log, step 2's gradients and
@@ -57,7 +59,8 @@ SAME_DRAWS = hypothesis_seed(DRAW_SEED)  # one seed for the four tests: the same
 # sums it came from: at most 3.3e-6 of its tensor's largest element. An element far below that largest one carries
 # the same absolute noise (2.6e-5 relative was seen on one 70x below its tensor's max), so the bound is
 # |diff| <= RTOL * (|g| + max |g| of the tensor). --grad-ckpt recomputes the same ops on the same inputs: bitwise
-# equal in every draw.
+# equal in every draw without the shared prefix. The shared prefix (a variant's, against the 1-process run's whole
+# prompts) is one more summation order of the same kind.
 RTOL = 1e-5
 # Later passes (mu = 2) are taken at the weights after Adam's first step, which moves each weight by about
 # lr * g / (|g| + 1e-8): where |g| is near Adam's eps, g's fp32 noise becomes a weight difference of a fraction of lr,
@@ -77,11 +80,12 @@ LOSS_ATOL, NORM_ATOL, LOG_ATOL, MISMATCH_ATOL, CLIP_ATOL = 1e-6, 1e-6, 1e-6, 1e-
 
 def config(adv_scale="group", loss_type="grpo", ratio_level="token", mu=1, beta=0.0, lora=False, dynamic=False,
            mask_truncated=False, tis=False, max_new_tokens=8, grad_clip=0.0, reward="eq_varied", micro=1, seed=1,
-           fsdp=False):
+           fsdp=False, prefix=True):
     """A drawn configuration as a dict (hashable through key()); every field a flag or the task."""
     return dict(adv_scale=adv_scale, loss_type=loss_type, ratio_level=ratio_level, mu=mu, beta=beta, lora=lora,
                 dynamic=dynamic, mask_truncated=mask_truncated, tis=tis, max_new_tokens=max_new_tokens,
-                grad_clip=grad_clip, reward="eq_flat" if dynamic else reward, micro=micro, seed=seed, fsdp=fsdp)
+                grad_clip=grad_clip, reward="eq_flat" if dynamic else reward, micro=micro, seed=seed, fsdp=fsdp,
+                prefix=prefix)
 
 
 CONFIGS = st.builds(
@@ -90,7 +94,7 @@ CONFIGS = st.builds(
     mu=st.sampled_from([1, 2]), beta=st.sampled_from([0.0, 0.04]), lora=st.booleans(), dynamic=st.booleans(),
     mask_truncated=st.booleans(), tis=st.booleans(), max_new_tokens=st.sampled_from([8, 3]),
     grad_clip=st.sampled_from([0.0, 1.0]), reward=st.sampled_from(["eq_varied", "eq_flat"]),
-    micro=st.sampled_from([1, 3]), seed=st.integers(0, 3), fsdp=st.booleans())
+    micro=st.sampled_from([1, 3]), seed=st.integers(0, 3), fsdp=st.booleans(), prefix=st.booleans())
 
 # Pinned: every CI run checks these, whatever the draws. EMPTY cuts every completion: a step with no token to learn
 # from, where no run may take an optimizer step.
@@ -123,7 +127,8 @@ def flags(c, data, ckpt, out, *extra):
          "--group-size", "4", "--max-new-tokens", str(c["max_new_tokens"]), "--eval-n", "0", "--steps", "2",
          "--save-every", "1", "--keep-last", "5", "--lr", "1e-2", "--warmup-steps", "1", "--seed", str(c["seed"]),
          "--adv-scale", c["adv_scale"], "--loss-type", c["loss_type"], "--ratio-level", c["ratio_level"],
-         "--mu", str(c["mu"]), "--beta", str(c["beta"]), "--grad-clip", str(c["grad_clip"]), "--micro-batch", "16"]
+         "--mu", str(c["mu"]), "--beta", str(c["beta"]), "--grad-clip", str(c["grad_clip"]), "--micro-batch", "16",
+         "--no-share-prefix"]
     if c["lora"]:
         f += ["--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0"]
     if c["dynamic"]:
@@ -132,12 +137,20 @@ def flags(c, data, ckpt, out, *extra):
         f += ["--mask-truncated"]
     if c["tis"]:  # with the default top-p 1 and top-k 0 (the sampler's log-probs are then the full softmax's)
         f += ["--tis-cap", "2"]
-    return f + list(extra)  # later flags win: --steps 1, --micro-batch N, --grad-ckpt
+    return f + list(extra)  # later flags win: --steps 1, --micro-batch N, --grad-ckpt, --share-prefix
 
 
 def key(c):
-    """What a 1-process run depends on: --fsdp changes only the 2-rank run, so both share one."""
-    return tuple(sorted((k, v) for k, v in c.items() if k != "fsdp"))
+    """What a 1-process run depends on: --fsdp and the prefix change only the variants, so all share one."""
+    return tuple(sorted((k, v) for k, v in c.items() if k not in ("fsdp", "prefix")))
+
+
+def variant(c):
+    """The flags every variant of c adds to the 1-process run's: the shared prompt prefix, if c draws it."""
+    # The 1-process run forwards every prompt whole (--no-share-prefix, the plain computation); a variant with the
+    # prefix forwards it once per rollout and per log-prob pass (grpo.SharedPrefix), above its micro-batches, on
+    # its ranks, sharded or not. The resumed run continues the 1-process run's own settings, bit for bit.
+    return ["--share-prefix"] if c["prefix"] else []
 
 
 # ----------------------------------------------------------------------------- recording gradients
@@ -256,7 +269,8 @@ def two_ranks(env, c):
     out = env.name(c, "two")
     grads = out.with_suffix(".pt")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(env.dir / "launch.py"), *flags(c, env.data, env.ckpt, out, "--steps", "1", *["--fsdp"] * c["fsdp"])]
+           str(env.dir / "launch.py"), *flags(c, env.data, env.ckpt, out, "--steps", "1", *["--fsdp"] * c["fsdp"],
+                                              *variant(c))]
     rc, log = run_ranks(cmd, {"EQUIV_GRADS": str(grads)}, out)  # ~10 s alone
     assert rc == 0, log
     assert ("cpu x 2 (FSDP)" if c["fsdp"] else "cpu x 2,") in log, log  # really two ranks, sharded or not
@@ -341,7 +355,8 @@ def sanity(c, records, rows):
 def test_micro_batch_changes_memory_not_the_gradient(env, c):
     records, rows, _ = full_batch(env, c)
     sanity(c, records, rows)
-    small, small_rows, _ = in_process(env, c, f"mb{c['micro']}", "--steps", "1", "--micro-batch", str(c["micro"]))
+    small, small_rows, _ = in_process(env, c, f"mb{c['micro']}", "--steps", "1", "--micro-batch", str(c["micro"]),
+                                      *variant(c))
     what = f"--micro-batch {c['micro']} against 16"
     same_grads(steps_of(small, 1), steps_of(records, 1), what)
     same_step(small_rows[0], rows[0], what, c["mu"])
@@ -353,7 +368,7 @@ def test_micro_batch_changes_memory_not_the_gradient(env, c):
 @pinned
 def test_grad_ckpt_changes_nothing_but_memory(env, c):
     records, rows, _ = full_batch(env, c)
-    ck, ck_rows, _ = in_process(env, c, "ckpt", "--steps", "1", "--grad-ckpt")
+    ck, ck_rows, _ = in_process(env, c, "ckpt", "--steps", "1", "--grad-ckpt", *variant(c))
     same_grads(steps_of(ck, 1), steps_of(records, 1), "--grad-ckpt")
     same_step(ck_rows[0], rows[0], "--grad-ckpt", c["mu"])
 

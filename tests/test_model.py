@@ -5,9 +5,10 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import random_model, tiny_config
-from model import KVCache, ModelConfig, Transformer
+from model import KVCache, ModelConfig, Transformer, attend_shared, build_mask
 
 FAMILIES = [("qwen2", True), ("qwen2", False), ("qwen3", True), ("qwen3", False), ("llama", True), ("llama", False)]
 
@@ -389,3 +390,25 @@ def test_real_model_greedy_matches_transformers():
             got = torch.cat([got, ours(got)[:, -1:].argmax(-1)], 1)
     got = got[0, ids.shape[1]:].tolist()
     assert len(want) > 8 and got[:len(want)] == want.tolist()  # transformers stops at EOS; we ran on for 32
+
+
+@pytest.mark.parametrize("H,K,T", [(4, 2, 1), (4, 2, 3), (6, 6, 2), (9, 3, 1)])
+def test_attend_shared_equals_attention_over_the_concatenated_keys(H, K, T):
+    """Keys every row shares (stored once) then each row's own, masked: SDPA over [shared, own] keys per row."""
+    g = torch.Generator().manual_seed(0)
+    B, D, L, S = 3, 8, 5, 6
+    q = torch.randn(B, H, T, D, generator=g)
+    sk, sv = torch.randn(1, K, L, D, generator=g), torch.randn(1, K, L, D, generator=g)
+    k, v = torch.randn(B, K, S, D, generator=g), torch.randn(B, K, S, D, generator=g)
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[0, :2] = valid[2, :1] = False  # left padding of the rows' own part
+    mask = build_mask(valid, S - T, T)  # (B, 1, T, S): the last T own keys are this call's
+    full = torch.cat([torch.ones(B, 1, T, L, dtype=torch.bool), mask], -1)  # (B, 1, T, L+S)
+    kk, vv = torch.cat([sk.expand(B, -1, -1, -1), k], 2), torch.cat([sv.expand(B, -1, -1, -1), v], 2)
+    want = F.scaled_dot_product_attention(q, kk, vv, attn_mask=full, enable_gqa=K != H)
+    got = attend_shared(q, sk, sv, k, v, mask)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the CUDA dtype policy: bf16 inputs, the softmax in fp32
+        got16 = attend_shared(q.bfloat16(), sk.bfloat16(), sv.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    assert got16.dtype == torch.bfloat16
+    torch.testing.assert_close(got16.float(), want, atol=0.05, rtol=0.05)

@@ -205,17 +205,14 @@ def test_shared_prefix_equals_each_prompt_prefilled_whole(family, tied, kw):
 
 
 def test_shared_prefix_under_bf16_autocast(model):
-    """The CUDA sampler runs under bf16 autocast (CPU autocast here): the same tokens, log-probs at bf16's tolerance."""
-    gens = lambda: [torch.Generator().manual_seed(i) for i in range(len(SHARING))]  # noqa: E731
+    """The CUDA sampler runs under bf16 autocast (CPU autocast here): greedy, the same tokens; the log-probs at the
+    bf16 tolerance of test_grpo's autocast tests (the shared keys are attended in fp32, SDPA rounds its inputs)."""
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        shared = generate(model, SHARING, 2, 8, generator=gens(), temperature=1.0)
-        whole = generate(model, SHARING, 2, 8, generator=gens(), temperature=1.0, share_prefix=False)
+        shared = generate(model, SHARING, 2, 8, temperature=0)
+        whole = generate(model, SHARING, 2, 8, temperature=0, share_prefix=False)
     assert shared.logprobs.dtype == torch.float32
-    # bf16 rounds the prefix's keys/values differently when they come from another batch shape: near-ties in
-    # the inverse CDF may flip, so compare where the rows still agree, at the tolerance test_grpo's bf16 test uses
-    same = (shared.completion_ids == whole.completion_ids).cumprod(1).bool() & shared.completion_mask
-    assert same[:, 0].all() and same.float().mean() > 0.9
-    torch.testing.assert_close(shared.logprobs[same], whole.logprobs[same], atol=0.1, rtol=0.02)
+    assert torch.equal(shared.completion_ids, whole.completion_ids)
+    torch.testing.assert_close(shared.logprobs, whole.logprobs, atol=0.1, rtol=0.02)
 
 
 def test_shared_prefix_is_prefilled_once(model, monkeypatch):
