@@ -500,6 +500,7 @@ class StageClock:
         self.undo.append((owner, name, fn))
 
     def restore(self):
+        """Put back every wrapped function."""
         for owner, name, fn in reversed(self.undo):
             setattr(owner, name, fn)
 
@@ -515,7 +516,8 @@ PROFILE_PARTS = [  # (module name, attribute, label): what each part of train.py
     ("sample", "sample_token", "sampling: token draw"), ("train", "score", "rewards"),
     ("train", "advantages", "advantages"), ("train", "reference_logprobs", "reference forward"),
     ("train", "old_logprobs", "pi_old forward"), ("train", "update", "update: other (zero_grad, lr, syncs)"),
-    ("train", "shared_prefix", "policy forward (+ loss)"), ("train", "micro_batch_loss", "policy forward (+ loss)"),
+    ("train", "shared_prefix", lambda *a, **k: "policy forward (+ loss)" if torch.is_grad_enabled() else None),
+    ("train", "micro_batch_loss", "policy forward (+ loss)"),
     ("torch.Tensor", "backward", "policy backward"), ("grpo.SharedPrefix", "backward", "policy backward"),
     ("torch.nn.utils", "clip_grad_norm_", "optimizer (clip, AdamW)"),
     ("torch.optim.AdamW", "step", "optimizer (clip, AdamW)"), ("train", "log_step", "logging and metric syncs"),
@@ -523,7 +525,7 @@ PROFILE_PARTS = [  # (module name, attribute, label): what each part of train.py
 
 
 def profile_steps(cfg, extra=()):
-    """({part: seconds over the timed steps}, the timed steps' summed step_s) of train.py at bench step's setting."""
+    """({part: seconds over the timed steps}, their wall seconds with logging) of train.py at bench step's setting."""
     import importlib
     clock = StageClock(cfg.device)
     for mod, attr, label in PROFILE_PARTS:
@@ -546,7 +548,8 @@ def profile_steps(cfg, extra=()):
         train.log_step = real_log
         clock.restore()
     parts = {k: v - warm.get(k, 0.0) for k, v in clock.seconds.items()}
-    return parts, sum(r["step_s"] for r in rows[1:])
+    logging = parts.get("logging and metric syncs", 0.0)  # after step_s is taken, so not inside it
+    return parts, sum(r["step_s"] for r in rows[1:]) + logging
 
 
 def cmd_profile(cfg):

@@ -99,8 +99,8 @@ class TrainConfig:
     # ---- memory and speed: none of these changes what is computed, only how
     micro_batch: int = arg(8, "rows per forward/backward; changes memory, not the gradient")
     logprob_chunk: int = arg(1024, "tokens per lm_head/log_softmax chunk")
-    share_prefix: bool = arg(True, "forward the prompts' common prefix (system turn, worked examples) once per rollout "
-                             "and per log-prob pass over the batch; off: every prompt whole (same results, slower)")
+    share_prefix: bool = arg(True, "forward the prompts' common prefix (system turn, worked examples) once a rollout, "
+                             "evaluation batch and log-prob pass; off: every prompt whole (same results, slower)")
     grad_ckpt: bool = arg(False, "gradient checkpointing: recompute activations in backward")
     compile: bool = arg(False, "torch.compile the sampler's decode step (on CPU it measured slower than eager, which "
                         "packs weights for oneDNN)")

@@ -56,7 +56,7 @@ def evaluate(model, tok, task, test, *, n, batch, max_new_tokens, amp, rank, wor
 
 
 @torch.no_grad()
-def evaluate_games(model, tok, task, test, *, n, batch, max_new_tokens, amp, rank, world, log=print):
+def evaluate_games(model, tok, task, test, *, n, batch, max_new_tokens, amp, rank, world, log=print, share_prefix=True):
     """Greedy whole games on this rank's share of the first n test secrets: one row per game, with its record."""
     total = min(n, len(test))
     mine = list(range(rank, total, world))
@@ -64,7 +64,8 @@ def evaluate_games(model, tok, task, test, *, n, batch, max_new_tokens, amp, ran
     for s in range(0, len(mine), batch):
         idx = mine[s:s + batch]
         games = [task.game(test[i]) for i in idx]
-        play(model, tok, games, max_new_tokens=max_new_tokens, temperature=0.0, amp=amp)  # a generate call a turn
+        play(model, tok, games, max_new_tokens=max_new_tokens, temperature=0.0, amp=amp,
+             share_prefix=share_prefix)  # a generate call a turn
         rows += [{"index": i, **g.record()} for i, g in zip(idx, games)]
         summary = " ".join(f"{k} {v:.3f}" for k, v in task.game_summary(rows).items() if v is not None)
         progress(log, done=len(rows), world=world, total=total, mine=len(mine), t0=t0, scores=summary,
@@ -90,7 +91,7 @@ def evaluate_and_record(model, tok, task, test, step, *, cfg, amp, rank, world, 
     with fail_together(cfg, world, step):
         rows = (evaluate_games if task.game else evaluate)(
             model.eval(), tok, task, test, n=cfg.eval_n, batch=cfg.eval_batch, max_new_tokens=cfg.max_new_tokens,
-            amp=amp, rank=rank, world=world, log=log)
+            amp=amp, rank=rank, world=world, log=log, share_prefix=cfg.share_prefix)
     rows = gather_records(rows, world)
     with fail_together(cfg, world, step):
         metrics = summarize(task, rows)

@@ -158,6 +158,7 @@ def common_prefix(prompt_ids, prompt_mask):
     if m <= 0:
         return 0
     start = Tp - n  # (N,) where each row's real tokens begin
+    # (m: the most tokens a prefix may have, the shortest prompt's length - 1)
     lead = prompt_ids.gather(1, start[:, None] + torch.arange(m, device=n.device))  # (N, m) each row's first m
     same = (lead == lead[:1]).all(0)  # (m,)
     return m if bool(same.all()) else int((~same).int().argmax())
@@ -189,15 +190,19 @@ class SharedPrefix:
         # (with LoRA a frozen projection's keys/values in the first layer need no gradient: left as they are)
         out = [t for pair in kv for t in pair if t.requires_grad]
         if out:
-            kv = [tuple(t.detach().requires_grad_() if t.requires_grad else t for t in pair) for pair in kv]
-            self._out, self._leaves = out, [t for pair in kv for t in pair if t.requires_grad]
+            # fp32 leaves, also under autocast (where v is bf16): the micro-batches' gradients add up in fp32, as the
+            # parameters' do; each use casts back to the forward's dtype
+            leaf = {id(t): t.detach().float().requires_grad_() for t in out}
+            kv = [tuple(leaf[id(t)].to(t.dtype) if id(t) in leaf else t for t in pair) for pair in kv]
+            self._out, self._leaves = out, list(leaf.values())
         self.kv = kv if self.length else None
 
     def backward(self):
         """Send the micro-batches' summed gradients through the prefix forward (with fixed, also when they are 0)."""
         if self._out is None:
             return
-        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in self._leaves]
+        grads = [(t.grad if t.grad is not None else torch.zeros_like(t)).to(o.dtype)
+                 for t, o in zip(self._leaves, self._out)]
         torch.autograd.backward(self._out, grads)
         self._out = self._leaves = None
 
@@ -227,6 +232,8 @@ def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_ma
     T = completion_ids.shape[1]
     L = prefix.length if prefix is not None else 0
     if L:  # from here on the prompts are their suffixes after the shared L tokens, still left-padded
+        # dropping L columns leaves a short row's prefix tokens where its padding was: the mask counts only the
+        # last n - L, whatever ids lie before them
         n = prompt_mask.sum(1, keepdim=True)  # (N, 1)
         Tp = Tp - L
         prompt_ids, prompt_mask = prompt_ids[:, L:], torch.arange(Tp, device=n.device) >= Tp + L - n  # (N, Tp) each

@@ -4,7 +4,7 @@ Module and parameter names equal the Hugging Face ones, so a checkpoint loads wi
 `load_state_dict(strict=True, assign=True)` onto a meta-device model and saves with no rename table.
 The families differ only by flags read from config.json (see ModelConfig.from_dict).
 Legend: B batch, T query time, S key time, S0 keys passed in as `past`, C hidden, H heads, K kv heads, D head dim,
-F mlp dim, V vocab, L layers, S1 keys every row shares (attend_shared).
+F mlp dim, V vocab, L layers, S1 keys every row shares (KVCache.shared), Hg = H/K query heads per kv head.
 """
 import json
 import os
@@ -179,9 +179,14 @@ class Attention(nn.Module):
             # functional, not a cache write: a new tensor, so autograd reaches the past's producer through it
             k = torch.cat([past[0], k], 2)  # (B, K, S0+T, D)
             v = torch.cat([past[1], v], 2)  # (B, K, S0+T, D)
-        if shared is not None:  # a prefix every row follows, its keys/values stored once (KVCache.shared)
-            y = attend_shared(q, shared.k[layer], shared.v[layer], k, v, mask)  # (B, H, T, D)
+        if shared is not None and T == 1:  # decode after a prefix every row follows, its keys stored once
+            y = attend_shared(q, shared.k[layer], shared.v[layer], k, v, mask)  # (B, H, 1, D)
         else:  # mask None means plain causal with T == S; otherwise an explicit (B, 1, T, S) bool mask
+            if shared is not None:  # a prefill after the shared prefix: its keys join each row's, for SDPA's kernel
+                S1 = shared.k[layer].shape[2]
+                k = torch.cat([shared.k[layer].expand(B, -1, -1, -1), k], 2)  # (B, K, S1+S, D)
+                v = torch.cat([shared.v[layer].expand(B, -1, -1, -1), v], 2)  # (B, K, S1+S, D)
+                mask = torch.cat([mask.new_ones(B, 1, T, S1), mask], -1)  # (B, 1, T, S1+S)
             gqa = self.K != self.H
             if gqa and mask is not None and q.device.type in REPEAT_KV_WITH_MASK:
                 k = k.repeat_interleave(self.H // self.K, dim=1)  # (B, H, S, D): head h reads kv head h // (H/K)
@@ -197,6 +202,8 @@ def attend_shared(q, sk, sv, k, v, mask):
     # One softmax over the S1 shared keys and the S own ones (mask (B, 1, T, S) applies to the own ones; every query
     # sees the whole prefix, which precedes all its tokens): the same attention as over the concatenated keys, but
     # the shared keys/values are read once for all B rows, as one (K, B*Hg*T, S1) batch, instead of once per row.
+    # For decode (T = 1), where that read is the cost; a prefill takes SDPA's kernel instead (Attention.forward),
+    # which never holds the (B, K, Hg*T, S1+S) scores this does.
     # In fp32 also under autocast: bf16 scores would round by up to 0.125 at |s| ~ 16 (SDPA accumulates in fp32 too).
     B, H, T, D = q.shape
     K, S1 = k.shape[1], sk.shape[2]

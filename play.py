@@ -39,7 +39,7 @@ def reply_ids(tok, text, last_id):
 
 @torch.no_grad()
 def play(model, tok, games, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, generators=None, group_size=1,
-         amp=None, compile=False, pad_id=None):
+         amp=None, compile=False, pad_id=None, share_prefix=True):
     """Play every game to its end; returns (Rollout of N rows, the N trajectories as text)."""
     # generators: None (greedy), or one torch.Generator per game: a game's draws then do not depend on the others.
     # group_size: G, recorded in the Rollout (games g*G .. g*G+G-1 share an opening). amp: a context manager
@@ -64,7 +64,7 @@ def play(model, tok, games, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0,
             for g in (generators[i] for i in live)]
         with amp or nullcontext():
             ro = generate(model, [opening[i] + seq[i] for i in live], 1, max_new_tokens, temperature, top_p, top_k,
-                          tok.stop_ids, turn_gens, tok.vocab_size, pad_id, compile)
+                          tok.stop_ids, turn_gens, tok.vocab_size, pad_id, compile, share_prefix=share_prefix)
         for j, i in enumerate(live):
             n, stop = int(ro.lengths[j]), bool(ro.stopped[j])
             ids = ro.completion_ids[j, :n].tolist()

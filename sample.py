@@ -4,7 +4,8 @@ The prompts' common prefix (a chat template's system message and worked examples
 cache whose keys and values every row attends to; then each prompt's own suffix once (left-padded, per-row positions,
 explicit mask) into rows 0, G, 2G, ... of one preallocated cache, copied to its G rows; then the unfinished rows decode
 one token per step: rows that stopped leave the batch (and the cache) at the next host check.
-Legend: P prompts, G group, N = P*G rows, n <= N rows still decoding, Tp prompt time, Tc completion time, V vocab.
+Legend: P prompts, G group, N = P*G rows, n <= N rows still decoding, Tp prompt time, L the prompts' shared prefix,
+Tc completion time, V vocab.
 """
 from contextlib import contextmanager
 from dataclasses import dataclass

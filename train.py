@@ -146,10 +146,11 @@ def rollout(run, examples, keys):
                     for j in range(G)]
             ro, texts = play(run.model, run.tok, games, max_new_tokens=cfg.max_new_tokens,
                              temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, generators=gens,
-                             group_size=G, amp=run.amp(), compile=cfg.compile)
+                             group_size=G, amp=run.amp(), compile=cfg.compile, share_prefix=cfg.share_prefix)
             return Sampled(ro=ro, texts=texts, extra=[{"game": g.record()} for g in games], seconds=time.time() - t0)
         # One generator per prompt, seeded by (seed, the prompt's key): a prompt's completions do not depend on which
-        # rank drew it or on what else is in the batch, so N ranks sample what 1 process would.
+        # rank drew it or on what else is in the batch, so N ranks sample what 1 process would (up to float rounding:
+        # the prefix the batch's prompts share, prefilled once, depends on the batch, as the matmuls' order does).
         gens = [torch.Generator(run.device).manual_seed(stream_seed(cfg.seed, *k)) for k in keys]
         prompts = [run.tok.encode_chat(run.task.prompt(ex)) for ex in examples]
         with run.amp():
@@ -305,13 +306,12 @@ def micro_batches(run, ro):
 
 def shared_prefix(run, m, ro):
     """The prompt prefix every row shares (system turn, worked examples), forwarded once for all micro-batches."""
-    # --fsdp: a forward (and under autograd a backward) on every rank, whatever its rows (grpo.SharedPrefix)
-    sharded = fsdp.is_sharded(m)
-    if not run.cfg.share_prefix and not sharded:
+    # --fsdp, in the update: a forward and a backward on every rank, whatever its rows share (grpo.SharedPrefix), so
+    # that each backward's reduce-scatters match the other ranks'. With LoRA dropout one mask covers the prefix for
+    # all rows, as it already covers a prompt for its G rows.
+    if not run.cfg.share_prefix:
         return None
-    if not run.cfg.share_prefix:  # a forward no row attends to, for the same collectives as the ranks that share
-        return SharedPrefix(m, ro.prompt_ids[:0], ro.prompt_mask[:0], fixed=True)
-    return SharedPrefix(m, ro.prompt_ids, ro.prompt_mask, fixed=sharded)
+    return SharedPrefix(m, ro.prompt_ids, ro.prompt_mask, fixed=fsdp.is_sharded(m) and torch.is_grad_enabled())
 
 
 def logprobs(run, m, ro, sl, entropy=False, prefix=None):

@@ -1079,15 +1079,23 @@ def test_shared_prefix_with_nothing_shared_and_fixed_makes_one_unused_forward(mo
 
 
 def test_shared_prefix_under_bf16_autocast():
-    """Under CPU autocast (the CUDA trainer's dtype policy) the prefix path stays at the fp32 values' tolerance."""
+    """Under CPU autocast (the CUDA trainer's dtype policy) the prefix path stays at the fp32 values' tolerance, and
+    its micro-batches' gradients add up in fp32 leaves to the gradients of the whole batch without the prefix."""
     model = random_model("qwen2").train()
     args = prefixed_rollout(model.config.vocab_size, 7, [3, 1, 5], 4, [5] * 12, 5, seed=6)
     with torch.no_grad():
         fp32 = grpo.token_logprobs(model, *args)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, grads, _ = shared_prefix_logprobs_and_grads(model, args, 4, temperature=1.0)
+        prefix = grpo.SharedPrefix(model, args[0], args[1])
+        assert prefix._leaves and all(t.dtype == torch.float32 for t in prefix._leaves)
+        got, grads, _ = shared_prefix_logprobs_and_grads(model, args, 3, temperature=1.0)
+        want, want_g = logprobs_and_grads(model, args, share_prompt=False, temperature=1.0)
     torch.testing.assert_close(got, fp32, atol=0.1, rtol=0.02)
-    assert got.dtype == torch.float32 and all(g.isfinite().all() for g in grads.values())
+    torch.testing.assert_close(got, want, atol=0.1, rtol=0.02)
+    assert got.dtype == torch.float32 and grads.keys() == want_g.keys()
+    for n in want_g:  # bf16's rounding of two different computations: a few percent of the tensor's scale
+        scale = want_g[n].abs().max().clamp(min=1e-3)
+        torch.testing.assert_close(grads[n] / scale, want_g[n] / scale, atol=0.05, rtol=0, msg=n)
 
 
 def test_shared_prompt_under_bf16_autocast():

@@ -162,3 +162,9 @@ def test_where_finds_the_loop_step_and_the_stage_past_a_wrapper():
         return stage()
     assert fake_loop() == (7, 123.0, "stage")
     assert report.where(sys._getframe(), fake_loop) == (None, None, None)  # outside the loop
+
+
+def test_heartbeat_reads_the_loop_variables_train_loop_has():
+    """report.where reads train_loop's `step` and `t_step` by name: a rename there must fail here, not go quiet."""
+    import train
+    assert {"step", "t_step"} <= set(train.train_loop.__code__.co_varnames)

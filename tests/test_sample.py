@@ -194,10 +194,14 @@ def test_common_prefix():
 def test_shared_prefix_equals_each_prompt_prefilled_whole(family, tied, kw):
     """Identical tokens and log-probs within 1e-5 fp32, with left padding and prompts of unequal length."""
     m = random_model(family, tied=tied, seed=1).eval()
-    for prompts in (SHARING[:3], SHARING):
+    # stop ids: rows finish at different steps and leave the batch (KVCache.keep beside the shared prefix's cache)
+    for prompts, stops, sync in ((SHARING[:3], (), 1), (SHARING, (), 1), (SHARING, range(0, 320, 7), 1),
+                                 (SHARING, range(0, 320, 5), 4)):
         gens = lambda: [torch.Generator().manual_seed(i) for i in range(len(prompts))]  # noqa: E731
-        shared = generate(m, prompts, 3, 12, generator=gens(), **kw)
-        whole = generate(m, prompts, 3, 12, generator=gens(), share_prefix=False, **kw)
+        shared = generate(m, prompts, 3, 12, generator=gens(), stop_ids=stops, sync_every=sync, **kw)
+        whole = generate(m, prompts, 3, 12, generator=gens(), stop_ids=stops, sync_every=sync, share_prefix=False,
+                         **kw)
+        assert not stops or shared.stopped.any()
         assert torch.equal(shared.completion_ids, whole.completion_ids)
         assert torch.equal(shared.prompt_ids, whole.prompt_ids) and torch.equal(shared.prompt_mask, whole.prompt_mask)
         assert torch.equal(shared.lengths, whole.lengths) and torch.equal(shared.stopped, whole.stopped)
