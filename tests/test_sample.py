@@ -157,16 +157,21 @@ def test_one_generator_per_prompt_makes_sampling_batch_invariant(model):
         generate(model, PROMPTS, G, 4, generator=gens(1, 2))
 
 
-def test_prefill_runs_once_per_distinct_prompt(model, monkeypatch):
-    """One prefill call of batch P (not P*G), then one call of T == 1 per decoded step."""
-    shapes = []
-    inner = model.forward_hidden
+def forward_shapes(model, monkeypatch):
+    """A list that gets the input shape of every model.forward_hidden call from now on."""
+    shapes, inner = [], model.forward_hidden
 
     def counting(input_ids, *args, **kw):
         shapes.append(tuple(input_ids.shape))
         return inner(input_ids, *args, **kw)
 
     monkeypatch.setattr(model, "forward_hidden", counting)
+    return shapes
+
+
+def test_prefill_runs_once_per_distinct_prompt(model, monkeypatch):
+    """One prefill call of batch P (not P*G), then one call of T == 1 per decoded step."""
+    shapes = forward_shapes(model, monkeypatch)
     P, G, n = len(PROMPTS), 4, 6
     r = generate(model, PROMPTS, G, n, temperature=1.0, generator=0)
     assert shapes[0] == (P, max(map(len, PROMPTS)))
@@ -221,14 +226,7 @@ def test_shared_prefix_under_bf16_autocast(model):
 
 def test_shared_prefix_is_prefilled_once(model, monkeypatch):
     """One forward of the prefix (1 row), one of the P suffixes, then one per decoded step."""
-    shapes = []
-    inner = model.forward_hidden
-
-    def counting(input_ids, *args, **kw):
-        shapes.append(tuple(input_ids.shape))
-        return inner(input_ids, *args, **kw)
-
-    monkeypatch.setattr(model, "forward_hidden", counting)
+    shapes = forward_shapes(model, monkeypatch)
     generate(model, SHARING[:3], 4, 6, temperature=1.0, generator=0)
     Tp = max(map(len, SHARING[:3]))
     assert shapes[:2] == [(1, len(PREFIX)), (3, Tp - len(PREFIX))] and shapes[2:] == [(12, 1)] * 5
