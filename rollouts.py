@@ -46,6 +46,27 @@ def group_line(*, step, round_, group, index, question, gold, rows):
             "kept": any(r["advantage"] is not None for r in rows), "rows": rows}
 
 
+def step_groups(*, step, drawn, advantages, rounds, rank, P, cap, view):
+    """This rank's lines of a step: its P groups of each round, those among the step's first `cap` (-1: all)."""
+    # drawn: train.Scored, every row of every round in round order (rank-local); advantages (rows,): None where not
+    # trained on; rounds: each round's global dataset indices, rank r holding r*P .. r*P+P-1; view(index):
+    # (question, gold) of a train example.
+    G, per_round = drawn.ro.group_size, len(rounds[0]) if rounds else 0
+    rows = rollout_rows(texts=drawn.texts, extra=drawn.extra, total=drawn.total.tolist(), rewards=drawn.per_fn,
+                        metrics=drawn.task_metrics, lengths=drawn.ro.lengths.tolist(),
+                        stopped=drawn.ro.stopped.tolist(), advantages=advantages)  # (rows,) a dict each
+    lines = []
+    for k, idx in enumerate(rounds):
+        for p, i in enumerate(idx[rank * P:(rank + 1) * P]):
+            place = rank * P + p  # the group's place among the round's prompts, over all ranks
+            if cap > 0 and k * per_round + place >= cap:  # past the step's first N groups
+                continue
+            question, gold = view(i)
+            lines.append(group_line(step=step, round_=k, group=place, index=i, question=question, gold=gold,
+                                    rows=rows[(k * P + p) * G:(k * P + p + 1) * G]))
+    return lines
+
+
 def append_groups(path, groups):
     """Append a step's lines in one write: a crash can cut only the last line, never an earlier one."""
     with open(path, "a") as f:

@@ -52,7 +52,7 @@ from plot import plot
 from ranks import (all_max, all_or, all_sum, fail_together, finish, gather_records, oom_advice, start_ranks, sum_grads,
                    world_and_rank)
 from rewards import combine
-from rollouts import append_groups, group_line, rollout_rows
+from rollouts import append_groups, step_groups
 from sample import Rollout, cat_rollouts, generate, stream_seed, take_rows
 from tasks import TASKS, Task, TaskError, example_view, judge_view, prompt_text
 from tokenizer import Tokenizer
@@ -520,25 +520,16 @@ def log_rollouts(run, step, *, batch, adv):
     # step). Every group drawn is logged, those that --dynamic-sampling dropped with no advantage; a group never
     # spans ranks, so each rank builds its own and rank 0 writes them all in draw order: N ranks log what 1
     # process would. --log-rollouts N keeps the first N groups of the step, 0 none.
-    cfg, d, G, P, cap = run.cfg, batch.drawn, run.cfg.group_size, run.P, run.cfg.log_rollouts
+    cfg, d, cap = run.cfg, batch.drawn, run.cfg.log_rollouts
     if cap == 0:
         return
     with fail_together(cfg, run.world, step):
         trained = range(len(d.texts)) if batch.rows is None else batch.rows.tolist()
         advs = dict(zip(trained, adv.values.tolist()))  # {row: its advantage}, for the rows trained on
-        rows = rollout_rows(texts=d.texts, extra=d.extra, total=d.total.tolist(), rewards=d.per_fn,
-                            metrics=d.task_metrics, lengths=d.ro.lengths.tolist(), stopped=d.ro.stopped.tolist(),
-                            advantages=[advs.get(i) for i in range(len(d.texts))])  # (N * rounds,) a dict a row
-        groups = []
-        for k in range(len(d.texts) // (P * G)):  # round k: this rank's P groups of G rows
-            idx = step_prompts(run, step, k)[0][run.rank * P:(run.rank + 1) * P]
-            for p, i in enumerate(idx):
-                place = run.rank * P + p  # the group's place among the round's prompts, over all ranks
-                if cap > 0 and k * cfg.prompts_per_step + place >= cap:  # past the step's first N groups
-                    continue
-                question, gold = example_view(run.task, run.train[i])
-                groups.append(group_line(step=step, round_=k, group=place, index=i, question=question, gold=gold,
-                                         rows=rows[(k * P + p) * G:(k * P + p + 1) * G]))
+        rounds = [step_prompts(run, step, k)[0] for k in range(len(d.texts) // (run.P * cfg.group_size))]
+        groups = step_groups(step=step, drawn=d, advantages=[advs.get(i) for i in range(len(d.texts))],
+                             rounds=rounds, rank=run.rank, P=run.P, cap=cap,
+                             view=lambda i: example_view(run.task, run.train[i]))
     groups = gather_records(groups, run.world, order=lambda g: (g["round"], g["group"]))
     with fail_together(cfg, run.world, step):  # rank 0 writes; if that fails, every rank ends with its message
         if run.rank == 0:
