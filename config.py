@@ -33,9 +33,9 @@ def arg(default, help, **kw):
 @dataclass
 class TrainConfig:
     # ---- what to train, from where, to where
-    task: str = arg("gsm8k", "task to train on (tasks.py: gsm8k, arith, wordle)")
+    task: str = arg("gsm8k", "task to train on (tasks.py: gsm8k, arith, wordprob, wordle)")
     task_opts: str = arg("", "task options as k=v,k=v (arith: digits=2,ops=+,terms=2,...; wordle: mode=states|games,"
-                         "per_secret=4,seed=0; see tasks.py)")
+                         "per_secret=4,seed=0; wordprob and gsm8k: tools=calc|none,calls=4; see tasks.py)")
     model: str = arg("Qwen/Qwen2.5-0.5B-Instruct", "Hugging Face repo id or local checkpoint dir")
     data_dir: str = arg("", "dir with the task's train.jsonl/test.jsonl; empty: download (checksummed) to --cache-dir")
     cache_dir: str = arg("~/.cache/grpo", "where downloaded datasets are kept")

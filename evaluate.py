@@ -1,8 +1,10 @@
 """Held-out evaluation, greedy so that a score is a property of the weights alone: pass@1 on test problems, or
-whole test games played to their end; sharded across ranks, recorded in the run dir.
+whole test episodes played to their end (Wordle's games, calculator episodes); sharded across ranks, recorded in
+the run dir.
 
 eval.jsonl gets one line of scores per evaluation, eval/step-N.jsonl every completion (with its question and
-gold answer) or game (with its secret and turns) it scored.
+gold answer), game (with its secret and turns) or calculator episode (with its question, gold answer, calls and
+whole transcript, the tool's results marked) it scored.
 Legend: N rows (one per problem in an evaluation batch).
 """
 import json
@@ -57,7 +59,8 @@ def evaluate(model, tok, task, test, *, n, batch, max_new_tokens, amp, rank, wor
 
 @torch.no_grad()
 def evaluate_games(model, tok, task, test, *, n, batch, max_new_tokens, amp, rank, world, log=print, share_prefix=True):
-    """Greedy whole games on this rank's share of the first n test secrets: one row per game, with its record."""
+    """Greedy whole episodes (games, calculator episodes) on this rank's share of the first n test examples: one row
+    per episode, with its record."""
     total = min(n, len(test))
     mine = list(range(rank, total, world))
     rows, t0 = [], time.time()
@@ -67,34 +70,38 @@ def evaluate_games(model, tok, task, test, *, n, batch, max_new_tokens, amp, ran
         play(model, tok, games, max_new_tokens=max_new_tokens, temperature=0.0, amp=amp,
              share_prefix=share_prefix)  # a generate call a turn
         rows += [{"index": i, **g.record()} for i, g in zip(idx, games)]
+        if task.ratios:  # a tool episode's row reads on its own: its question and gold answer (a game's: its record)
+            for r in rows[-len(idx):]:
+                r["question"], r["gold"] = example_view(task, test[r["index"]])
         summary = " ".join(f"{k} {v:.3f}" for k, v in task.game_summary(rows).items() if v is not None)
         progress(log, done=len(rows), world=world, total=total, mine=len(mine), t0=t0, scores=summary,
-                 unit=" games")
+                 unit=" episodes" if task.ratios else " games")
     return rows
 
 
-def summarize(task, rows):
-    """The scores of an evaluation's rows (all ranks'): n, then the mean of each metric (games: their summary)."""
-    if task.game:
+def summarize(task, rows, games=False):
+    """The scores of an evaluation's rows (all ranks'): n, then the mean of each metric (episodes: their summary)."""
+    if games:
         return {"n": len(rows), **task.game_summary(rows)}
     return {"n": len(rows), **{k: sum(r[k] for r in rows) / max(len(rows), 1) for k in task.metrics}}
 
 
-def evaluate_and_record(model, tok, task, test, step, *, cfg, amp, rank, world, log=print):
+def evaluate_and_record(model, tok, task, test, step, *, cfg, amp, rank, world, log=print, games=False):
     """Evaluate, write eval/step-N.jsonl and eval.jsonl; returns the scores (None with --eval-n 0: no evaluation)."""
+    # games: play whole episodes (wordle's games, calculator episodes: the task's eval_plays), greedy
     if cfg.eval_n == 0:
         return None
-    log(f"eval step {step}: {min(cfg.eval_n, len(test))} test {'games' if task.game else 'problems'}, "
-        f"greedy, up to {cfg.max_new_tokens} new tokens{' a turn' if task.game else ''}")
+    log(f"eval step {step}: {min(cfg.eval_n, len(test))} test {'episodes' if games else 'problems'}, "
+        f"greedy, up to {cfg.max_new_tokens} new tokens{' a turn' if games else ''}")
     # A rank failing while it evaluates, or rank 0 while it writes, ends every rank with its message: the gather
     # between them is a collective, which no rank reaches unless all got there (ranks.fail_together).
     with fail_together(cfg, world, step):
-        rows = (evaluate_games if task.game else evaluate)(
+        rows = (evaluate_games if games else evaluate)(
             model.eval(), tok, task, test, n=cfg.eval_n, batch=cfg.eval_batch, max_new_tokens=cfg.max_new_tokens,
             amp=amp, rank=rank, world=world, log=log, share_prefix=cfg.share_prefix)
     rows = gather_records(rows, world)
     with fail_together(cfg, world, step):
-        metrics = summarize(task, rows)
+        metrics = summarize(task, rows, games)
         if rank == 0:
             os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)
             with open(os.path.join(cfg.out, "eval", f"step-{step}.jsonl"), "w") as f:

@@ -7,7 +7,8 @@ of a step, 0 writes no file), in draw order:
   {"step", "round" (the --dynamic-sampling round; 0 without it), "group" (its place among the round's prompts, over
    all ranks), "index" (its example's index in the train split), "question", "gold" (the example's answer, or a
    game's secret; null if it has none), "kept" (false: --dynamic-sampling dropped it), "rows": one per completion}
-a row: {"completion" (a whole game: "game", its record with every turn), "reward" (the weighted total), "rewards"
+a row: {"completion" (a whole episode: "game", its record: a game's every turn, a tool episode's transcript with
+the tool's parts marked), "reward" (the weighted total), "rewards"
 ({reward function: its unweighted value}), "advantage" (null in a dropped group), "length" (the model's tokens),
 "stopped" (false: cut at --max-new-tokens), and the task's 0/1 metrics}. Numbers are rounded to 6 decimals.
 """
@@ -105,8 +106,12 @@ def one_line(text, chars):
     return text if not chars or len(text) <= chars else text[:chars - 3] + "..."
 
 
-def game_text(game):
-    """A game's turns on one line: GUESS=feedback for each word guessed, ?(what it wrote) for a turn that was not."""
+def game_text(game, chars=0):
+    """An episode on one line: a tool episode's transcript with each result marked ⟦...⟧ (the tool's text, not the
+    model's); a game's turns as GUESS=feedback for each word guessed, ?(what it wrote) for a turn that was not."""
+    if "transcript" in game:  # calc.Calculator's record: which text is the tool's comes from the record, not tags
+        text = "".join(one_line(t, 0) if who == "model" else f"⟦{one_line(t, 0)}⟧" for who, t in game["transcript"])
+        return text + (" (ended: one call too many)" if game.get("ended") == "over_cap" else "")
     return " ".join(f"{t['guess']}={t['feedback']}" if t["valid"] else f"?({one_line(t['text'] or '', 12)})"
                     for t in game["turns"]) + (" (won)" if game.get("won") else "")
 

@@ -24,8 +24,8 @@ class Rollout:
     completion_ids: torch.Tensor  # (N, Tc); after a row's stop token: pad, outside the mask
     completion_mask: torch.Tensor  # (N, Tc) bool, from each row's length: up to and including its first stop token
     lengths: torch.Tensor  # (N,) long, tokens inside the mask
-    # (play.py's whole games: completion_ids hold the model's turns and the environment's replies, and the mask is
-    # True on the model's tokens only, so it is not a prefix; lengths count the model's tokens)
+    # (play.py's whole games, and generate's injected ids: completion_ids hold the model's tokens and the
+    # environment's, and the mask is True on the model's tokens only, so it is not a prefix; lengths count them)
     stopped: torch.Tensor  # (N,) bool; False means truncated at max_new_tokens
     logprobs: torch.Tensor  # (N, Tc) fp32 log-prob of each sampled token at the sampling temperature, 0 outside mask
     group_size: int
@@ -154,6 +154,36 @@ def common_prefix(prompts):
     return L
 
 
+def feed(queue, rows, tok, lp):
+    """Put each queued row's next injected id in place of its draw (tok, lp (n,), in place); (n,) bool: fed rows."""
+    live = rows.tolist()
+    fed = [b for b, r in enumerate(live) if r in queue]
+    mask = torch.zeros(len(live), dtype=torch.bool, device=tok.device)
+    if fed:
+        idx = torch.tensor(fed, device=tok.device)
+        tok[idx] = torch.tensor([queue[live[b]].pop(0) for b in fed], device=tok.device)
+        mask[idx] = True
+        for b in fed:
+            if not queue[live[b]]:
+                del queue[live[b]]
+    return mask
+
+
+def paused_rows(out, rows, skip, seg, t, w, stop_texts, decode):
+    """[(batch row, row)] whose text since its segment's start holds a stop text once step t's token is added."""
+    # A token decodes to at least one character, so the last w tokens hold any stop text that ends at step t; one
+    # that ended earlier paused the row then.
+    lo = max(t - w + 1, 0)
+    win = out[rows, lo:t + 1].tolist()  # (n, <= w) on the host
+    hits = []
+    for b, (r, ids, s) in enumerate(zip(rows.tolist(), win, skip.tolist())):
+        if not s and seg[r] <= t:
+            text = decode(ids[max(seg[r] - lo, 0):])
+            if any(x in text for x in stop_texts):
+                hits.append((b, r))
+    return hits
+
+
 def decode_step(model, tok, positions, cache):
     """One token per row through the cache: tok (N,), positions (N,) -> next-token logits (N, V) fp32."""
     # forward_hidden, not forward (which calls it): under FSDP (fsdp.py) the outer of two nested calls reshards the
@@ -163,7 +193,8 @@ def decode_step(model, tok, positions, cache):
 
 @torch.no_grad()  # not inference_mode: the rollout's tensors are inputs to the training graph later
 def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_ids=(),
-             generator=None, vocab_size=None, pad_id=0, compile=False, sync_every=None, share_prefix=True):
+             generator=None, vocab_size=None, pad_id=0, compile=False, sync_every=None, share_prefix=True,
+             stop_texts=(), decode=None, inject=None):
     """Sample G completions for each of the P prompts (lists of token ids); returns a Rollout of P*G rows."""
     # vocab_size: ids >= it are never sampled (Qwen pads its embedding past the tokenizer's vocabulary).
     # generator: a torch.Generator on the model's device, an int seed, or a list of P generators, one per prompt,
@@ -174,6 +205,13 @@ def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_
     # share_prefix: prefill the prompts' longest common prefix once for all of them (`common_prefix`); the tokens
     # and log-probs are those of prefilling each prompt whole (up to float rounding in another summation order).
     # On CPU the model's linears run on oneDNN-packed copies of the weights while this runs (`packed_linears`).
+    # stop_texts: strings of any number of tokens (a tool call's closing tag): once a row's text since its last pause
+    # holds one, inject(row, the segment's ids) gives the ids the row goes on with (a tool's result), fed one per
+    # step in place of a draw and outside the mask, or None to end the row there. A token may run past the text
+    # ("</calc>." is kept whole: nothing is re-tokenized). The host then reads every step (sync_every 1), and
+    # decode(ids) -> text is the tokenizer's. max_new_tokens counts the injected ids too.
+    if stop_texts and decode is None:
+        raise ValueError("generate's stop_texts need decode, the tokenizer's ids -> text")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt at least one token")
     if G < 1 or max_new_tokens < 1 or temperature < 0:
@@ -185,7 +223,7 @@ def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_
     if isinstance(generator, (list, tuple)) and len(generator) != len(prompts):
         raise ValueError(f"got {len(generator)} generators for {len(prompts)} prompts")
     dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else model.lm_head.weight.dtype
-    sync_every = sync_every or (1 if dev.type == "cpu" else 8)
+    sync_every = 1 if stop_texts else sync_every or (1 if dev.type == "cpu" else 8)
     P, N = len(prompts), len(prompts) * G
     lens = torch.tensor([len(p) for p in prompts], device=dev)  # (P,)
     Tp = int(lens.max())
@@ -216,6 +254,10 @@ def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_
     rows = torch.arange(N, device=dev)  # (n,) which of the N rows each batch row is: shrinks as rows finish
     fin = torch.zeros(N, dtype=torch.bool, device=dev)  # (n,) batch rows finished since the last compaction
     Tc = max_new_tokens
+    # stop_texts: each row's current segment starts at step seg[row]; queue[row]: ids still to feed it; forced: the
+    # (row, step) slots that hold fed ids, outside the mask
+    seg, queue, w = [0] * N, {}, max(map(len, stop_texts), default=0)
+    forced = torch.zeros(N, max_new_tokens, dtype=torch.bool, device=dev)
     with packed_linears(model, N, enable=not compile):  # CPU only
         if L:  # the prefix's keys/values: one row, read by every row's attention (model.attend_shared)
             cache.shared = KVCache(model.config, 1, L, dev, dtype)
@@ -230,12 +272,22 @@ def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_
             u = uniforms(generator, N, dev)[rows] if temperature else None  # all N drawn: streams never shift
             tok, lp = sample_token(logits, temperature, top_k, top_p, u, vocab_size, cdf[:len(rows)])  # (n,) each
             tok = tok.masked_fill(fin, pad_id)  # finished rows still in the batch emit pad, outside the mask
+            fed = feed(queue, rows, tok, lp) if queue else None  # (n,) bool: rows given an injected id this step
+            fed = torch.zeros_like(fin) if fed is None else fed
+            forced[rows, t] = fed
             out[rows, t] = tok
-            lps[rows, t] = lp.masked_fill(fin, 0.0)
-            hit = torch.isin(tok, stops) & ~fin  # a stop id in the prompt never gets here: only sampled ids count
+            lps[rows, t] = lp.masked_fill(fin | fed, 0.0)
+            hit = torch.isin(tok, stops) & ~fin & ~fed  # a stop id in the prompt never gets here: only sampled ids
             length[rows] = torch.where(hit, t + 1, length[rows])
             stopped[rows] |= hit
             fin |= hit
+            if stop_texts:  # host work, every step: a row whose text just completed a stop text pauses
+                for b, r in paused_rows(out, rows, fin | fed, seg, t, w, stop_texts, decode):
+                    more = inject(r, out[r, seg[r]:t + 1].tolist()) if inject else None
+                    if more:
+                        queue[r], seg[r] = list(more), t + 1 + len(more)
+                    else:  # the row ends here, as on a stop id
+                        length[r], stopped[r], fin[b] = t + 1, True, True
             if t + 1 == max_new_tokens:
                 break
             if (t + 1) % sync_every == 0 and bool(fin.any()):  # the host sync that stopping needs anyway
@@ -249,6 +301,6 @@ def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_
                 rows, tok, fin = rows[keep], tok[keep], fin[keep]
             logits = step(model, tok, pos[rows] + t, cache)  # (n, V)
 
-    mask = torch.arange(Tc, device=dev) < length[:, None]  # (N, Tc)
+    mask = (torch.arange(Tc, device=dev) < length[:, None]) & ~forced[:, :Tc]  # (N, Tc): the model's own tokens
     return Rollout(ids.repeat_interleave(G, 0), pmask.repeat_interleave(G, 0), out[:, :Tc], mask,
-                   length, stopped, lps[:, :Tc] * mask, G)
+                   mask.sum(1), stopped, lps[:, :Tc] * mask, G)

@@ -6,11 +6,14 @@ A Task bundles
 - rewards: [(weight, fn)], summed into the training reward; fn(completion, prompt=..., **example) -> float;
 - metrics: {name: fn}, 0/1 per completion, reported as accuracy in training and evaluation;
 - options: {knob: default}, set with train.py --task-opts "k=v,k=v" and passed to load.
-A task that is a game (wordle) also has
-- game(example) -> a fresh game (play.py's interface): evaluation plays whole games, greedy (play.py);
-- game_rewards and game_metrics: like rewards and metrics, scored on a whole game (they get its record as `game`),
-  used when the task's option mode is "games": training then plays G whole games per example (play.py);
-- game_summary(records) -> the evaluation's metrics, from the games' records.
+A task played as episodes (wordle's games, a calculator inside the answer) also has
+- game(example) -> a fresh environment (play.py's interface: a game, or calc.Calculator);
+- train_plays(options), eval_plays(options): whether training plays G whole episodes per example (play.py) and
+  whether evaluation plays them, greedy;
+- game_rewards and game_metrics: like rewards and metrics, scored on a whole episode (they get its record as
+  `game`), used when training plays;
+- game_summary(records) -> the evaluation's metrics, from the episodes' records;
+- ratios: {name: fn -> (numerator, denominator)}, logged per step as a ratio of sums (calc.TOOL_RATIOS).
 Adding a task = one Task(...) in TASKS (its code here, or in a file of its own that this file imports); train.py
 never changes.
 Every reward also receives `prompt`, the text of all prompt messages, so a reward can refuse a copy of the prompt.
@@ -24,7 +27,11 @@ Tasks here:
 - arith: generated integer arithmetic ("What is 37 + 48?"), no download. Train and test are disjoint by
   construction: each problem's text is hashed, and the hash alone says on which side it lives. The default,
   2-digit addition, keeps a laptop model in GRPO's useful range: some answers right, not all.
-Both use one answer protocol: reasoning inside <reasoning></reasoning>, then the number inside <answer></answer>.
+- wordprob: generated word problems for the calculator (wordprob.py), held out by template; tools=calc lets the
+  model call it (calc.py), tools=none is the same task without it. gsm8k takes tools=calc too.
+All but wordle use one answer protocol: reasoning inside <reasoning></reasoning>, then the number inside
+<answer></answer>; with tools=calc the reasoning may hold calls, <calc>EXPR</calc>, each followed by the
+calculator's <result>VALUE</result> (calc.py), and the answer is still the number the model writes.
 """
 import functools
 import hashlib
@@ -35,8 +42,10 @@ import shutil
 import urllib.request
 from dataclasses import dataclass, field
 
+import calc as C
 import rewards as R
 import wordle as W
+import wordprob as WP
 
 
 class TaskError(ValueError):
@@ -54,6 +63,9 @@ class Task:
     game_rewards: list = None
     game_metrics: dict = None
     game_summary: object = None
+    train_plays: object = lambda opts: False  # (options) -> training plays whole episodes (play.py)
+    eval_plays: object = lambda opts: False  # (options) -> evaluation plays them
+    ratios: dict = None  # {name: fn(completion, **fields) -> (numerator, denominator)}: logged as sum / sum
 
 
 def prompt_text(messages):
@@ -108,6 +120,43 @@ PROTOCOL = ("First think step by step inside <reasoning> </reasoning> tags, then
 def answer(reasoning, value):
     """A completion in the protocol's exact layout (worked examples use it)."""
     return f"<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{value}\n</answer>"
+
+
+# ----------------------------------------------------------------------------- tools: the calculator (calc.py)
+
+TOOLS = ("none", "calc")
+CALC_PROTOCOL = ("You have a calculator: write an arithmetic expression inside <calc> </calc> and its value appears "
+                 "right after it inside <result> </result>.")
+
+
+def call(expr):
+    """A worked example's calculator call with the result the calculator gives it: '<calc>..</calc><result>..'."""
+    return f"<calc>{expr}</calc>{C.result_text(expr)}"
+
+
+def tool_options(task, tools, calls):
+    """The fields every example of a tool-capable task carries: {tools, calls}; TaskError for bad values."""
+    if tools not in TOOLS:
+        raise TaskError(f"{task}: tools must be one of {', '.join(TOOLS)}, got {tools!r}")
+    if not 1 <= calls <= 16:
+        raise TaskError(f"{task}: calls (calculator calls per completion) must be 1..16, got {calls}")
+    return {"tools": tools, "calls": calls}
+
+
+def tool_game(prompt, ex):
+    """The calculator environment of an example (calc.Calculator) under the task's prompt function."""
+    return C.Calculator(prompt(ex), max_calls=ex["calls"], tags=(C.OPEN, C.CLOSE))  # read now: tests swap them
+
+
+def tool_summary(rows):
+    """An evaluation's metrics from its episodes' rows (each with gold and record): accuracy and the tool ratios."""
+    fields = [(C.transcript_text(r), {"gold": r["gold"], "game": r}) for r in rows]
+    n = max(len(rows), 1)
+    return {**{k: sum(f(t, **x) for t, x in fields) / n for k, f in METRICS.items()}, **C.ratios(fields)}
+
+
+def plays_tool(opts):
+    return opts["tools"] == "calc"
 
 
 # ----------------------------------------------------------------------------- GSM8K
@@ -166,8 +215,10 @@ def read_gsm8k(path):
     return out
 
 
-def gsm8k_load(data_dir, cache_dir):
-    return read_gsm8k(gsm8k_file(data_dir, cache_dir, "train")), read_gsm8k(gsm8k_file(data_dir, cache_dir, "test"))
+def gsm8k_load(data_dir, cache_dir, tools="none", calls=C.MAX_CALLS):
+    opts = tool_options("gsm8k", tools, calls)
+    return tuple([{**ex, **opts} for ex in read_gsm8k(gsm8k_file(data_dir, cache_dir, split))]
+                 for split in ("train", "test"))
 
 
 # One worked example as an earlier chat turn, written here (not from the data set). It shows the layout with real
@@ -177,11 +228,48 @@ GSM8K_SHOT = ("A baker makes 24 muffins in the morning and 18 in the afternoon. 
               answer("He makes 24 + 18 = 42 muffins.\nAfter selling 30, 42 - 30 = 12 are left.", 12))
 
 
+GSM8K_TOOL_SHOT = (GSM8K_SHOT[0], answer(
+    "He makes " + call("24 + 18") + " muffins.\nAfter selling 30, " + call("42 - 30") + " are left.", 12))
+
+
 def gsm8k_prompt(ex):
-    return [{"role": "system", "content": GSM8K_SYSTEM},
+    calc = ex.get("tools") == "calc"
+    return [{"role": "system", "content": GSM8K_SYSTEM + (" " + CALC_PROTOCOL if calc else "")},
             {"role": "user", "content": GSM8K_USER.format(question=GSM8K_SHOT[0])},
-            {"role": "assistant", "content": GSM8K_SHOT[1]},
+            {"role": "assistant", "content": (GSM8K_TOOL_SHOT if calc else GSM8K_SHOT)[1]},
             {"role": "user", "content": GSM8K_USER.format(question=ex["question"])}]
+
+
+# ----------------------------------------------------------------------------- wordprob: word problems for the tool
+
+WORDPROB_SYSTEM = "You are a careful math tutor. Solve the problem. " + PROTOCOL
+
+
+def wordprob_load(data_dir, cache_dir, tools, calls, train_size, test_size, seed):
+    """Train and test problems from disjoint templates (wordprob.py); data_dir and cache_dir are unused."""
+    opts = tool_options("wordprob", tools, calls)
+    if train_size < 1 or test_size < 1:
+        raise TaskError(f"wordprob: train_size and test_size must be >= 1, got {train_size} and {test_size}")
+    return tuple([{**ex, **opts} for ex in WP.problems(side, n, seed)]
+                 for side, n in (("train", train_size), ("test", test_size)))
+
+
+@functools.lru_cache(maxsize=None)
+def wordprob_shots(tools):
+    """The worked examples as earlier chat turns: one problem of each SHOT template, each step a call (tools=calc)
+    or worked by hand (tools=none)."""
+    msgs = []
+    for ex in WP.problems("shots", len(WP.SHOTS), seed="prompt"):
+        steps = [call(e) if tools == "calc" else f"{e} = {C.format_value(C.calculate(e)[0])}" for e in ex["steps"]]
+        msgs += [{"role": "user", "content": ex["question"]}, {"role": "assistant", "content": answer(
+            "\n".join(f"Step {k}: {s}" for k, s in enumerate(steps, 1)), ex["gold"])}]
+    return tuple(msgs)
+
+
+def wordprob_prompt(ex):
+    system = WORDPROB_SYSTEM + (" " + CALC_PROTOCOL if ex["tools"] == "calc" else "")
+    return [{"role": "system", "content": system}, *wordprob_shots(ex["tools"]),
+            {"role": "user", "content": ex["question"]}]
 
 
 # ----------------------------------------------------------------------------- arith: generated arithmetic
@@ -358,7 +446,15 @@ def wordle_summary(records):
 
 
 TASKS = {
-    "gsm8k": Task(gsm8k_load, gsm8k_prompt, R.GSM8K_REWARDS, METRICS),
+    # tools=calc: each completion is one calculator episode (calc.py), in training and evaluation
+    "gsm8k": Task(gsm8k_load, gsm8k_prompt, R.GSM8K_REWARDS, METRICS, options=dict(tools="none", calls=C.MAX_CALLS),
+                  game=functools.partial(tool_game, gsm8k_prompt), game_rewards=R.GSM8K_REWARDS, game_metrics=METRICS, game_summary=tool_summary,
+                  train_plays=plays_tool, eval_plays=plays_tool, ratios=C.TOOL_RATIOS),
+    # correctness pays; tool use earns nothing (calc.py), so spamming calls cannot pay
+    "wordprob": Task(wordprob_load, wordprob_prompt, ARITH_REWARDS, METRICS,
+                     options=dict(tools="calc", calls=C.MAX_CALLS, train_size=5000, test_size=400, seed=0),
+                     game=functools.partial(tool_game, wordprob_prompt), game_rewards=ARITH_REWARDS, game_metrics=METRICS, game_summary=tool_summary,
+                     train_plays=plays_tool, eval_plays=plays_tool, ratios=C.TOOL_RATIOS),
     "arith": Task(arith_load, arith_prompt, ARITH_REWARDS, METRICS,
                   options=dict(digits=2, ops="+", terms=2, train_size=20000, test_size=1000, seed=0)),
     # training metrics: states: acc_secret (this guess is the secret), acc_word (it is a listed word); games:
@@ -367,5 +463,6 @@ TASKS = {
                                                                 "acc_word": guess_is_word},
                    options=dict(mode="states", per_secret=4, seed=0), game=wordle_game,
                    game_rewards=W.GAME_REWARDS, game_metrics={"acc_win": W.game_win, "acc_clean": game_clean},
-                   game_summary=wordle_summary),
+                   game_summary=wordle_summary, train_plays=lambda opts: opts["mode"] == "games",
+                   eval_plays=lambda opts: True),
 }

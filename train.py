@@ -75,7 +75,8 @@ class Run:
     device: torch.device
     rank: int
     world: int
-    games: bool  # train on whole games (a game task with mode=games): play.py's multi-turn rollouts
+    games: bool  # train on whole episodes (wordle's games, calculator episodes): play.py's multi-turn rollouts
+    eval_games: bool  # evaluate on whole episodes, greedy
     P: int  # prompts per rank per step
     start: int  # last completed step (0 for a new run)
     log: object  # print on rank 0, a no-op elsewhere
@@ -170,6 +171,7 @@ class Scored:
     total: torch.Tensor  # (N,) the weighted total reward
     per_fn: dict  # {reward function's name: (N,) its unweighted values}
     task_metrics: dict  # {the task's metric (acc_*, ...): (N,) 0/1 values}
+    ratios: dict  # {the task's ratio (tool/*): (N,) (numerator, denominator) pairs}; {} for a task without any
     judge_mass: list  # (N,) the judge's P(yes) + P(no) (judge.py); None without a judge
     sample_s: float
     judge_s: float
@@ -199,6 +201,7 @@ def score(run, examples, sampled):
                   total=torch.tensor([tot for tot, _ in scored]),  # (N,)
                   per_fn={k: [per[k] for _, per in scored] for k in (scored[0][1] if scored else {})},
                   task_metrics={k: [f(t, **ex) for t, ex in zip(texts, rows)] for k, f in metric_fns.items()},
+                  ratios={k: [f(t, **ex) for t, ex in zip(texts, rows)] for k, f in (task.ratios or {}).items()},
                   judge_mass=mass, sample_s=sampled.seconds, judge_s=judge_s)
 
 
@@ -228,6 +231,7 @@ def merge_rounds(parts, pad_id):
                   total=torch.cat([p.total for p in parts]),  # (N * rounds,)
                   per_fn={k: sum((p.per_fn[k] for p in parts), []) for k in first.per_fn},
                   task_metrics={k: sum((p.task_metrics[k] for p in parts), []) for k in first.task_metrics},
+                  ratios={k: sum((p.ratios[k] for p in parts), []) for k in first.ratios},
                   judge_mass=None if first.judge_mass is None else sum((p.judge_mass for p in parts), []),
                   sample_s=sum(p.sample_s for p in parts), judge_s=sum(p.judge_s for p in parts))
 
@@ -474,6 +478,8 @@ def log_step(run, step, *, batch, adv, upd, times):
     g = all_sum({
         "rows": len(d.texts), "reward": d.total.sum().item(), "reward_sq": (d.total ** 2).sum().item(),
         **{f"reward/{k}": sum(v) for k, v in d.per_fn.items()}, **{k: sum(v) for k, v in row_metrics.items()},
+        **{f"{k}#num": sum(a for a, _ in v) for k, v in d.ratios.items()},
+        **{f"{k}#den": sum(b for _, b in v) for k, v in d.ratios.items()},
         "zero_std": round(adv.zero_std_frac * groups), "groups": groups, "len": float(d.ro.lengths.sum()),
         "truncated": float((~d.ro.stopped).sum()), "completion_tokens": float(d.ro.completion_mask.sum()), **times,
         **sums, **js}, run.world)
@@ -493,6 +499,8 @@ def log_step(run, step, *, batch, adv, upd, times):
     metrics = {
         "step": step, "reward_mean": mean, "reward_std": math.sqrt(max(g["reward_sq"] / n - mean ** 2, 0.0)),
         **{k: g[k] / n for k in g if k.startswith("reward/")}, **{k: g[k] / n for k in row_metrics},
+        # a ratio of sums (tool/error_rate: errors over calls), null in a step without any (no call made)
+        **{k: g[f"{k}#num"] / g[f"{k}#den"] if g[f"{k}#den"] else None for k in d.ratios},
         "zero_std_frac": g["zero_std"] / g["groups"], "len_mean": g["len"] / n, "len_max": len_max,
         "truncated_frac": g["truncated"] / n, "kl": per_token("kl") if cfg.beta else None,  # beta 0: no KL at all
         "ratio": per_token("ratio"), "clip_low": per_token("clip_low"), "clip_high": per_token("clip_high"),
@@ -553,7 +561,7 @@ def run_eval(run, step):
     """Greedy held-out evaluation (evaluate.py): the before and after of every learning claim."""
     with fsdp.gathered(run.model):  # --fsdp: all-gathered once for the whole evaluation
         scores = evaluate_and_record(run.model, run.tok, run.task, run.test, step, cfg=run.cfg, amp=run.amp(),
-                                     rank=run.rank, world=run.world, log=run.log)
+                                     games=run.eval_games, rank=run.rank, world=run.world, log=run.log)
     if scores is not None:  # None: --eval-n 0
         run.report.log({"step": step, **scores}, "eval")
     return scores
@@ -647,7 +655,8 @@ def setup(cfg, given):
         + (f"; judge {cfg.judge} (rubric {cfg.judge_rubric}, weight {cfg.judge_weight})" if jm else ""))
     return Run(cfg=cfg, task=TASKS[cfg.task], train=train, test=test, tok=tok, tok_files=tok_files, model=model,
                ref=ref, judge=jm, opt=opt, amp=amp, device=device, rank=rank, world=world,
-               games=TASKS[cfg.task].game is not None and opts.get("mode") == "games", P=cfg.prompts_per_step // world,
+               games=TASKS[cfg.task].train_plays(opts), eval_games=TASKS[cfg.task].eval_plays(opts),
+               P=cfg.prompts_per_step // world,
                start=resumed.step if resumed else 0, log=log, base_model=base_model, report=reporter)
 
 

@@ -17,6 +17,7 @@ Draws are derandomized for CI (the four tests share one seed, so they draw the s
 cached 1-process runs); GRPO_EQUIV_EXAMPLES=N asks for N random draws per test instead (GRPO_EQUIV_SEED=S repeats
 one such search).
 """
+import dataclasses
 import json
 import os
 import random
@@ -33,12 +34,14 @@ from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+import calc as C
 import train
 from test_distributed import run_ranks
 from test_train import ANSWERS, QUESTIONS, chars_near_20, flat_for_some, without_timing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = {"eq_varied": chars_near_20, "eq_flat": flat_for_some}  # flat: two of the six questions have no spread
+TOOL_TAGS = ("9", "\ufffd")  # calc's call tags in these runs: a digit opens a call, a replacement character closes it
 
 # ----------------------------------------------------------------------------- how many draws, and which
 DEEP = int(os.environ.get("GRPO_EQUIV_EXAMPLES") or 0)
@@ -80,12 +83,12 @@ LOSS_ATOL, NORM_ATOL, LOG_ATOL, MISMATCH_ATOL, CLIP_ATOL = 1e-6, 1e-6, 1e-6, 1e-
 
 def config(adv_scale="group", loss_type="grpo", ratio_level="token", mu=1, beta=0.0, lora=False, dynamic=False,
            mask_truncated=False, tis=False, max_new_tokens=8, grad_clip=0.0, reward="eq_varied", micro=1, seed=1,
-           fsdp=False, prefix=True):
+           fsdp=False, prefix=True, tool=False):
     """A drawn configuration as a dict (hashable through key()); every field a flag or the task."""
     return dict(adv_scale=adv_scale, loss_type=loss_type, ratio_level=ratio_level, mu=mu, beta=beta, lora=lora,
                 dynamic=dynamic, mask_truncated=mask_truncated, tis=tis, max_new_tokens=max_new_tokens,
                 grad_clip=grad_clip, reward="eq_flat" if dynamic else reward, micro=micro, seed=seed, fsdp=fsdp,
-                prefix=prefix)
+                prefix=prefix, tool=tool)
 
 
 CONFIGS = st.builds(
@@ -94,7 +97,8 @@ CONFIGS = st.builds(
     mu=st.sampled_from([1, 2]), beta=st.sampled_from([0.0, 0.04]), lora=st.booleans(), dynamic=st.booleans(),
     mask_truncated=st.booleans(), tis=st.booleans(), max_new_tokens=st.sampled_from([8, 3]),
     grad_clip=st.sampled_from([0.0, 1.0]), reward=st.sampled_from(["eq_varied", "eq_flat"]),
-    micro=st.sampled_from([1, 3]), seed=st.integers(0, 3), fsdp=st.booleans(), prefix=st.booleans())
+    micro=st.sampled_from([1, 3]), seed=st.integers(0, 3), fsdp=st.booleans(), prefix=st.booleans(),
+    tool=st.booleans())
 
 # Pinned: every CI run checks these, whatever the draws. EMPTY cuts every completion: a step with no token to learn
 # from, where no run may take an optimizer step.
@@ -105,6 +109,8 @@ MU2_KL = config(mu=2, beta=0.04)
 LORA_KL = config(lora=True, beta=0.04)
 GSPO_MU2 = config(ratio_level="sequence", mu=2)
 TIS = config(tis=True)
+# the calculator: every completion an episode that pauses at each call, with dynamic sampling and the KL
+TOOL_DS_KL = config(tool=True, dynamic=True, beta=0.04, max_new_tokens=12)
 # --fsdp (2 ranks, sharded): the reference sharded too, with mu 2 and dynamic sampling, where the ranks keep different
 # numbers of rows (so run different numbers of micro-batches and forwards); LoRA's frozen base sharded; every row cut
 FSDP_DS_MU2_KL = config(dynamic=True, mu=2, beta=0.04, fsdp=True)
@@ -112,7 +118,8 @@ FSDP_LORA_DS_KL = config(lora=True, adv_scale="batch", dynamic=True, beta=0.04, 
 FSDP_EMPTY = dict(EMPTY, fsdp=True)
 
 
-PINNED = (BATCH, BATCH_DS, EMPTY, MU2_KL, LORA_KL, GSPO_MU2, TIS, FSDP_DS_MU2_KL, FSDP_LORA_DS_KL, FSDP_EMPTY)
+PINNED = (BATCH, BATCH_DS, EMPTY, MU2_KL, LORA_KL, GSPO_MU2, TIS, TOOL_DS_KL, FSDP_DS_MU2_KL, FSDP_LORA_DS_KL,
+          FSDP_EMPTY)
 
 
 def pinned(test):
@@ -137,6 +144,8 @@ def flags(c, data, ckpt, out, *extra):
         f += ["--mask-truncated"]
     if c["tis"]:  # with the default top-p 1 and top-k 0 (the sampler's log-probs are then the full softmax's)
         f += ["--tis-cap", "2"]
+    if c["tool"]:
+        f += ["--task-opts", "tools=calc"]
     return f + list(extra)  # later flags win: --steps 1, --micro-batch N, --grad-ckpt, --share-prefix
 
 
@@ -183,10 +192,13 @@ def recording(train_module):
 
 def install_tasks(train_module):
     """Register the tasks (in-process, and in the torchrun launcher); returns what to undo."""
+    # With tools=calc (the configuration's `tool`) a completion is a calculator episode (calc.py, play.py) whose calls
+    # are written with tags a tiny random model writes often, so its episodes pause and continue.
     g = train_module.TASKS["gsm8k"]
-    old = {k: train_module.TASKS.get(k) for k in TASKS}
+    old = {k: train_module.TASKS.get(k) for k in TASKS} | {"tags": (C.OPEN, C.CLOSE)}
     for name, fn in TASKS.items():
-        train_module.TASKS[name] = train_module.Task(g.load, g.prompt, [(1.0, fn)], g.metrics)
+        train_module.TASKS[name] = dataclasses.replace(g, rewards=[(1.0, fn)], game_rewards=[(1.0, fn)])
+    C.OPEN, C.CLOSE = TOOL_TAGS
     return old
 
 
@@ -238,6 +250,7 @@ def env(tmp_path_factory, tiny_ckpt):
     real_plot, train.plot = train.plot, lambda *a, **k: None  # no curves.png: it is not what is compared
     yield Env(dir=d, data=str(d / "data"), ckpt=tiny_ckpt)
     train.plot = real_plot
+    C.OPEN, C.CLOSE = old.pop("tags")
     for k, v in old.items():
         if v is None:
             train.TASKS.pop(k, None)

@@ -1,9 +1,10 @@
-"""play.py: whole games with a tiny random model; the trajectory's mask, log-probs and rewards."""
+"""play.py: whole games and calculator episodes with a tiny random model; the trajectory's mask, log-probs, rewards."""
 import copy
 
 import pytest
 import torch
 
+import calc as C
 import rewards as R
 import wordle as W
 from grpo import token_logprobs
@@ -109,3 +110,93 @@ def test_a_games_reward_follows_its_transcript(model_tok):
     for text in ("<guess>PLATE</guess>", "<guess>FLOOR</guess>"):
         g.play(text)
     assert R.combine(W.GAME_REWARDS, "", game=g.record())[0] == pytest.approx(1 + 0.5 * 5 / 6 + 0.3 + 0.3)
+
+
+# ----------------------------------------------------------------------------- pauses inside a turn: the calculator
+
+TAGS = ("9", "�")  # short call tags that a tiny random model writes often, so its turns pause and continue
+
+
+def calc_played(model, tok, n=6, seed=0, max_new=24, temperature=1.0, max_calls=3, share_prefix=True):
+    envs = [C.Calculator([{"role": "user", "content": f"question {i // 3}"}], max_calls=max_calls, tags=TAGS)
+            for i in range(n)]
+    gens = [torch.Generator().manual_seed(seed * 100 + i) for i in range(n)]
+    ro, texts = play(model, tok, envs, max_new, temperature, generators=gens, group_size=3, share_prefix=share_prefix)
+    return envs, ro, texts
+
+
+def test_tool_results_lie_outside_the_mask_and_the_models_tokens_inside(model_tok):
+    model, tok = model_tok
+    envs, ro, texts = calc_played(model, tok, max_new=48)
+    assert sum(len(e.record()["calls"]) for e in envs) >= 4  # the episodes did pause and continue
+    for i, e in enumerate(envs):
+        rec = e.record()
+        ids, mask = ro.completion_ids[i].tolist(), ro.completion_mask[i].tolist()
+        n = len(mask) if not ro.stopped[i] else len(mask) - mask[::-1].index(True)  # a cut row may end on the tool's
+        spans, tools = runs(mask[:n]), [tok.encode(t) for w, t in rec["transcript"] if w == "tool"]
+        # what lies between (and after) the model's runs is exactly the tool's results, each tokenized on its own;
+        # a row cut at the budget may hold only the start of its last result
+        gaps = [ids[e1:s2] for (_, e1), (s2, _) in zip(spans, spans[1:] + [(n, n)])]
+        assert len(gaps) == len(spans) and [g for g in gaps if g] == [t[:len(g)] for t, g in zip(tools, gaps) if g]
+        assert all(g == t for g, t in zip(gaps, tools[:-1])) and (not ro.stopped[i] or gaps[-1] == [])
+        assert len(tools) - len([g for g in gaps if g]) in (0, 1 - int(bool(ro.stopped[i]) or rec["ended"] != "turn"))
+        assert int(ro.lengths[i]) == sum(mask) <= 48  # one turn's budget over all its segments, results included
+        if ro.stopped[i]:
+            assert texts[i] == C.transcript_text(rec)  # what the rewards read: the model's text and the results
+        model_parts = [t for w, t in rec["transcript"] if w == "model"]
+        assert len(model_parts) == len(spans) + int(not ro.stopped[i] and gaps[-1] != [])
+        assert all(e.close in t for t in model_parts[:len(tools)])
+
+
+def test_trainer_logprobs_over_tool_episodes_equal_the_samplers(model_tok):
+    model, tok = model_tok
+    envs, ro, texts = calc_played(model, tok, temperature=0.9)
+    m = ro.completion_mask
+    lp = token_logprobs(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, m, 0.9)
+    assert torch.allclose(lp[m], ro.logprobs[m], atol=1e-4), (lp[m] - ro.logprobs[m]).abs().max()
+    assert (lp[~m] == 0).all() and (ro.logprobs[~m] == 0).all()
+
+
+class Counter:
+    """A minimal pausing environment: each '9' the model writes gets '<r>k</r>' (k calls so far), up to 4 calls."""
+    stop_texts = ("9",)
+
+    def __init__(self, i):
+        self.i, self.calls, self.done, self.turn = i, 0, False, []
+
+    def messages(self):
+        return [{"role": "user", "content": f"question {self.i // 3}"}]
+
+    def pause(self, text):
+        self.turn.append(text)
+        self.calls += 1
+        if self.calls > 4:
+            self.done = True
+            return None
+        return f"<r>{self.calls}</r>"
+
+    def play(self, text):
+        self.turn.append(text)
+        self.done = True
+
+
+def test_an_episodes_draws_do_not_depend_on_batch_mates_that_make_other_numbers_of_calls(model_tok):
+    model, tok = model_tok
+    envs = [Counter(i) for i in range(9)]
+    gens = [torch.Generator().manual_seed(i) for i in range(9)]
+    ro, texts = play(model, tok, envs, 40, 1.0, generators=gens, group_size=3)
+    calls = [e.calls for e in envs]
+    assert len(set(calls)) > 2, calls  # rows pause different numbers of times
+    for i in range(9):
+        env = Counter(i)
+        _, alone = play(model, tok, [env], 40, 1.0, generators=[torch.Generator().manual_seed(i)])
+        assert alone == [texts[i]] and env.turn == envs[i].turn
+
+
+def test_the_call_cap_and_the_budget_end_an_episode(model_tok):
+    model, tok = model_tok
+    envs, ro, texts = calc_played(model, tok, n=9, max_calls=1, max_new=128)
+    ended = {e.record()["ended"] for e in envs}
+    assert "over_cap" in ended  # a second call ends the episode
+    for e in envs:
+        assert len(e.record()["calls"]) <= 1

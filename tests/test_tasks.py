@@ -169,3 +169,67 @@ def test_example_view_shows_the_gold_answer_and_a_games_secret():
     assert T.example_view(T.TASKS["arith"], {"question": "What is 1 + 2?", "gold": "3"}) == ("What is 1 + 2?", "3")
     q, gold = T.example_view(T.TASKS["wordle"], {"secret": "CRANE", "history": []})
     assert gold == "CRANE" and q == T.judge_view(T.TASKS["wordle"], {"secret": "CRANE", "history": []})[0]
+
+
+# ----------------------------------------------------------------------------- wordprob and the calculator option
+
+def wordprob(**kw):
+    return T.TASKS["wordprob"].load("", "", **{**T.TASKS["wordprob"].options, **kw})
+
+
+def test_wordprob_is_held_out_by_template_and_its_answers_follow_its_steps():
+    import calc as C
+    import wordprob as WP
+    train, test = wordprob(train_size=3000, test_size=800)
+    assert wordprob(train_size=3000, test_size=800) == (train, test)  # deterministic
+    assert wordprob(train_size=50, test_size=50, seed=1)[1] != test[:50]
+    tr, te = {e["template"] for e in train}, {e["template"] for e in test}
+    assert not tr & te and len(tr) == len(WP.TRAIN) and len(te) == len(WP.TEST)  # every template drawn, none shared
+    # a test template words at least one step in a way no training template does
+    for phrases in WP.PHRASES.values():
+        held = phrases[WP.HELD_OUT].split("{")[0]
+        assert not any(held in e["question"] for e in train) and any(held in e["question"] for e in test)
+    shots = {f"{a}{b}/{i}{j}" for a, b, i, j in WP.SHOTS}
+    assert shots <= tr and not shots & te  # the worked examples: training templates, never tested
+    for e in train[:300] + test[:300]:
+        (a, b) = e["steps"]
+        v1, v2 = C.calculate(a)[0], C.calculate(b)[0]
+        assert b.startswith(f"{v1} ") and v2 == int(e["gold"]) > 0 and v1.denominator == 1 == v2.denominator
+        x, op, y = a.split()
+        assert x in e["question"] and y in e["question"] and b.split()[2] in e["question"]
+
+
+def test_wordprob_prompts_show_calls_only_with_the_tool():
+    ex = wordprob(train_size=5, test_size=5)[1][0]
+    calc = T.wordprob_prompt(ex)
+    none = T.wordprob_prompt({**ex, "tools": "none"})
+    assert "<calc>" in calc[0]["content"] and "<calc>" not in none[0]["content"]
+    shots = [m["content"] for m in calc[1:-1] if m["role"] == "assistant"]
+    assert len(shots) == 2 and all(s.count("<calc>") == 2 == s.count("<result>") for s in shots)
+    assert all("<calc>" not in m["content"] for m in none)
+    assert calc[-1]["content"] == none[-1]["content"] == ex["question"]
+    # each worked example's results are the calculator's own, and its answer is right
+    for s, m in zip(shots, (m for m in calc[1:-1] if m["role"] == "user")):
+        assert R.format_strict(s) == 1
+
+
+@pytest.mark.parametrize("opts,msg", [("tools=abacus", "tools must be one of none, calc, got 'abacus'"),
+                                      ("calls=0", "calls (calculator calls per completion) must be 1..16, got 0"),
+                                      ("train_size=0", "train_size and test_size must be >= 1")])
+def test_wordprob_bad_options_are_one_line(opts, msg):
+    with pytest.raises(T.TaskError, match=re.escape(msg)):
+        wordprob(**T.parse_options("wordprob", opts))
+
+
+def test_tool_tasks_play_episodes_and_others_do_not():
+    for name, plays in (("wordprob", True), ("gsm8k", False), ("arith", False)):
+        t = T.TASKS[name]
+        assert t.train_plays(t.options) == plays == t.eval_plays(t.options)
+    g = T.TASKS["gsm8k"]
+    assert g.train_plays({**g.options, "tools": "calc"}) and not T.TASKS["wordprob"].train_plays({"tools": "none"})
+    w = T.TASKS["wordle"]
+    assert w.eval_plays(w.options) and not w.train_plays(w.options) and w.train_plays({**w.options, "mode": "games"})
+    ex = {"question": "Q?", "gold": "3", "tools": "calc", "calls": 2}
+    env = g.game(ex)
+    assert env.max_calls == 2 and "<calc>" in env.messages()[0]["content"] and "<calc>" in env.messages()[2]["content"]
+    assert "<calc>" not in T.gsm8k_prompt({**ex, "tools": "none"})[0]["content"]

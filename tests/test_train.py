@@ -866,3 +866,53 @@ def test_pick_rows_keeps_the_first_informative_groups_in_global_order():
     assert one.tolist() == [0, 1, 2, 9, 10, 11, 12, 13, 14, 15, 16, 17]  # the same groups, in one process's rows
     r1, kept = train.pick_rows([torch.tensor([True, True, False, False])], 1, 2, 3)
     assert r1.tolist() == [] and kept == 2
+
+
+@pytest.fixture
+def tool_task(monkeypatch):
+    """gsm8k with tools=calc and a reward that varies, its calls written with tags a tiny random model writes."""
+    import calc as C
+    import dataclasses
+    monkeypatch.setattr(C, "OPEN", "9")
+    monkeypatch.setattr(C, "CLOSE", "\ufffd")
+    g = train.TASKS["gsm8k"]
+    monkeypatch.setitem(train.TASKS, "tool", dataclasses.replace(g, game_rewards=[(1.0, chars_near_20)]))
+
+
+def test_a_tool_task_trains_on_episodes_logs_its_calls_and_resumes_exactly(tiny_ckpt, data_dir, tmp_path, tool_task):
+    import calc as C
+    import rollouts
+    out = tmp_path / "run"
+    train.main(["--task", "tool", "--task-opts", "tools=calc,calls=2", "--steps", "4", "--save-every", "2",
+                "--keep-last", "5", *args(tiny_ckpt, data_dir, out, "--max-new-tokens", "24", "--beta", "0.04")])
+    full = metrics(out)
+    assert full[2]["kl"] > 0 and full[0]["reward_std"] > 0
+    groups = [json.loads(line) for line in open(out / "rollouts.jsonl")]
+    recs = [r["game"] for g in groups for r in g["rows"]]
+    calls = [c for rec in recs for c in rec["calls"]]
+    assert len(calls) >= 4 and all(c["error"] for c in calls)  # a random model's calls: never arithmetic
+    # each step's tool/* ratios are those of its rows' records (a ratio of sums; null where there is none)
+    for m in full:
+        rows = [r["game"] for g in groups if g["step"] == m["step"] for r in g["rows"]]
+        n_calls = sum(len(r["calls"]) for r in rows)
+        assert m["tool/calls"] == pytest.approx(n_calls / len(rows))
+        assert m["tool/used_frac"] == pytest.approx(sum(bool(r["calls"]) for r in rows) / len(rows))
+        assert m["tool/error_rate"] == (1.0 if n_calls else None)
+        assert m["tool/correct_from_result"] is None  # no answer is right
+    # the viewer marks the tool's results, from the record (not from tags the model could forge)
+    step = next(g["step"] for g in groups if any(r["game"]["calls"] for r in g["rows"]))
+    shown = rollouts.show(str(out), step, chars=0)
+    rec = next(r["game"] for g in groups if g["step"] == step for r in g["rows"] if r["game"]["calls"])
+    assert f"⟦{rollouts.one_line(rec['transcript'][1][1], 0)}⟧" in shown
+    # evaluation played the episodes greedily and saved whole transcripts, the tool's parts marked
+    ev = [json.loads(line) for line in open(out / "eval" / "step-4.jsonl")]
+    assert all({"transcript", "calls", "question", "gold"} <= set(r) for r in ev)
+    assert all(w in ("model", "tool") for r in ev for w, _ in r["transcript"])
+    e = json.loads(open(out / "eval.jsonl").readlines()[-1])
+    assert {"acc_strict", "tool/calls", "tool/error_rate"} <= set(e) and C.MAX_CALLS  # the summary has the ratios
+    # a crash after step 2's checkpoint: the resumed steps equal the uninterrupted ones, rollout log included
+    log = (out / "rollouts.jsonl").read_text()
+    shutil.rmtree(out / "step-4")
+    train.main(["--resume", str(out)])
+    assert without_timing(metrics(out)[2:]) == without_timing(full[2:])
+    assert (out / "rollouts.jsonl").read_text() == log
