@@ -448,13 +448,15 @@ def wordle_summary(records):
 TASKS = {
     # tools=calc: each completion is one calculator episode (calc.py), in training and evaluation
     "gsm8k": Task(gsm8k_load, gsm8k_prompt, R.GSM8K_REWARDS, METRICS, options=dict(tools="none", calls=C.MAX_CALLS),
-                  game=functools.partial(tool_game, gsm8k_prompt), game_rewards=R.GSM8K_REWARDS, game_metrics=METRICS, game_summary=tool_summary,
-                  train_plays=plays_tool, eval_plays=plays_tool, ratios=C.TOOL_RATIOS),
+                  game=functools.partial(tool_game, gsm8k_prompt), game_rewards=R.GSM8K_REWARDS,
+                  game_metrics=METRICS, game_summary=tool_summary, train_plays=plays_tool, eval_plays=plays_tool,
+                  ratios=C.TOOL_RATIOS),
     # correctness pays; tool use earns nothing (calc.py), so spamming calls cannot pay
     "wordprob": Task(wordprob_load, wordprob_prompt, ARITH_REWARDS, METRICS,
                      options=dict(tools="calc", calls=C.MAX_CALLS, train_size=5000, test_size=400, seed=0),
-                     game=functools.partial(tool_game, wordprob_prompt), game_rewards=ARITH_REWARDS, game_metrics=METRICS, game_summary=tool_summary,
-                     train_plays=plays_tool, eval_plays=plays_tool, ratios=C.TOOL_RATIOS),
+                     game=functools.partial(tool_game, wordprob_prompt), game_rewards=ARITH_REWARDS,
+                     game_metrics=METRICS, game_summary=tool_summary, train_plays=plays_tool, eval_plays=plays_tool,
+                     ratios=C.TOOL_RATIOS),
     "arith": Task(arith_load, arith_prompt, ARITH_REWARDS, METRICS,
                   options=dict(digits=2, ops="+", terms=2, train_size=20000, test_size=1000, seed=0)),
     # training metrics: states: acc_secret (this guess is the secret), acc_word (it is a listed word); games:

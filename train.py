@@ -201,7 +201,8 @@ def score(run, examples, sampled):
                   total=torch.tensor([tot for tot, _ in scored]),  # (N,)
                   per_fn={k: [per[k] for _, per in scored] for k in (scored[0][1] if scored else {})},
                   task_metrics={k: [f(t, **ex) for t, ex in zip(texts, rows)] for k, f in metric_fns.items()},
-                  ratios={k: [f(t, **ex) for t, ex in zip(texts, rows)] for k, f in (task.ratios or {}).items()},
+                  ratios={k: [f(t, **ex) for t, ex in zip(texts, rows)]  # of episodes (tool/*: of their calls)
+                          for k, f in ((task.ratios or {}) if run.games else {}).items()},
                   judge_mass=mass, sample_s=sampled.seconds, judge_s=judge_s)
 
 

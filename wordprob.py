@@ -49,7 +49,7 @@ def first_step(op, r):
 
 
 def second_step(op, v, r):
-    """(z, v op z) of the second step on the first one's result v; z divides v for a quotient, z < v for a difference."""
+    """(z, v op z): the second step, on the first one's result v (z divides v in a quotient, z < v in a difference)."""
     if op == "*":
         z = r.randint(12, 98)
         return z, v * z

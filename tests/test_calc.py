@@ -89,9 +89,9 @@ def test_no_call_does_big_work():
     assert C.calculate(123) == (None, "not text")
 
 
-@pytest.mark.parametrize("v,text", [(Fraction(5535), "5535"), (Fraction(5, 2), "2.5"), (Fraction(-1, 8), "-0.125"),
-                                    (Fraction(10, 3), "3.3333"), (Fraction(2, 3), "0.6667"), (Fraction(-2, 3), "-0.6667"),
-                                    (Fraction(1, 30000), "0"), (Fraction(0), "0")])
+@pytest.mark.parametrize("v,text", [
+    (Fraction(5535), "5535"), (Fraction(5, 2), "2.5"), (Fraction(-1, 8), "-0.125"), (Fraction(10, 3), "3.3333"),
+    (Fraction(2, 3), "0.6667"), (Fraction(-2, 3), "-0.6667"), (Fraction(1, 30000), "0"), (Fraction(0), "0")])
 def test_results_are_written_as_stated(v, text):
     assert C.format_value(v) == text
 

@@ -916,3 +916,16 @@ def test_a_tool_task_trains_on_episodes_logs_its_calls_and_resumes_exactly(tiny_
     train.main(["--resume", str(out)])
     assert without_timing(metrics(out)[2:]) == without_timing(full[2:])
     assert (out / "rollouts.jsonl").read_text() == log
+
+
+def test_wordprob_with_and_without_the_tool_trains_end_to_end(tiny_ckpt, tmp_path):
+    common = ["--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8", "--eval-n", "2",
+              "--model", tiny_ckpt]
+    for tools, episodes in (("none", False), ("calc", True)):
+        out = tmp_path / tools
+        train.main(["--task", "wordprob", "--task-opts", f"tools={tools},train_size=20,test_size=4", "--out", str(out),
+                    *common])
+        m, e = metrics(out)[0], json.loads(open(out / "eval.jsonl").readlines()[-1])
+        assert ("tool/calls" in m) == ("tool/calls" in e) == episodes  # no tool: no tool metric at all
+        ev = json.loads(open(out / "eval" / "step-1.jsonl").readline())
+        assert ("transcript" in ev) == episodes and ev["question"].startswith("First, ")
