@@ -106,7 +106,7 @@ def one_line(text, chars):
     return text if not chars or len(text) <= chars else text[:chars - 3] + "..."
 
 
-def game_text(game, chars=0):
+def game_text(game):
     """An episode on one line: a tool episode's transcript with each result marked ⟦...⟧ (the tool's text, not the
     model's); a game's turns as GUESS=feedback for each word guessed, ?(what it wrote) for a turn that was not."""
     if "transcript" in game:  # calc.Calculator's record: which text is the tool's comes from the record, not tags

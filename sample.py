@@ -154,8 +154,8 @@ def common_prefix(prompts):
     return L
 
 
-def feed(queue, rows, tok, lp):
-    """Put each queued row's next injected id in place of its draw (tok, lp (n,), in place); (n,) bool: fed rows."""
+def feed(queue, rows, tok):
+    """Put each queued row's next injected id in place of its draw (tok (n,), in place); (n,) bool: the fed rows."""
     live = rows.tolist()
     fed = [b for b, r in enumerate(live) if r in queue]
     mask = torch.zeros(len(live), dtype=torch.bool, device=tok.device)
@@ -272,7 +272,7 @@ def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_
             u = uniforms(generator, N, dev)[rows] if temperature else None  # all N drawn: streams never shift
             tok, lp = sample_token(logits, temperature, top_k, top_p, u, vocab_size, cdf[:len(rows)])  # (n,) each
             tok = tok.masked_fill(fin, pad_id)  # finished rows still in the batch emit pad, outside the mask
-            fed = feed(queue, rows, tok, lp) if queue else None  # (n,) bool: rows given an injected id this step
+            fed = feed(queue, rows, tok) if queue else None  # (n,) bool: rows given an injected id this step
             fed = torch.zeros_like(fin) if fed is None else fed
             forced[rows, t] = fed
             out[rows, t] = tok
@@ -281,7 +281,9 @@ def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_
             length[rows] = torch.where(hit, t + 1, length[rows])
             stopped[rows] |= hit
             fin |= hit
-            if stop_texts:  # host work, every step: a row whose text just completed a stop text pauses
+            # host work, every step: a row whose text just completed a stop text pauses (not at the budget's last
+            # token: nothing could be fed after it, so that turn ends cut, as any other)
+            if stop_texts and t + 1 < max_new_tokens:
                 for b, r in paused_rows(out, rows, fin | fed, seg, t, w, stop_texts, decode):
                     more = inject(r, out[r, seg[r]:t + 1].tolist()) if inject else None
                     if more:

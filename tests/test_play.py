@@ -200,3 +200,20 @@ def test_the_call_cap_and_the_budget_end_an_episode(model_tok):
     assert "over_cap" in ended  # a second call ends the episode
     for e in envs:
         assert len(e.record()["calls"]) <= 1
+
+
+def test_every_budget_records_each_model_token_once_and_only_calls_the_model_saw_begin(model_tok):
+    # a pause on the budget's last token could not be answered: it must end the turn, not record a call
+    model, tok = model_tok
+    for budget in range(3, 33):
+        envs = [Counter(i) for i in range(3)]
+        ro, texts = play(model, tok, envs, budget, 1.0, generators=[torch.Generator().manual_seed(i) for i in range(3)])
+        for i, e in enumerate(envs):
+            mask, ids = ro.completion_mask[i].tolist(), ro.completion_ids[i].tolist()
+            own = [t for t, m in zip(ids, mask) if m]
+            own = own[:-1] if ro.stopped[i] and own and own[-1] in tok.stop_ids else own
+            assert "".join(e.turn) == tok.decode(own), budget  # no segment recorded twice
+            end = len(mask) if not ro.stopped[i] else len(mask) - mask[::-1].index(True)
+            results = len([r for r in runs([not m for m in mask[:end]]) if r[0] > 0])  # blocks of fed ids
+            assert results == min(e.calls, 4), budget  # every call the env answered reached the model (the fifth:
+            # none, it ended the episode)
