@@ -111,14 +111,15 @@ def test_gsm8k_reward_list_refuses_the_three_known_hacks():
 def test_parse_options_types_and_errors():
     assert T.parse_options("arith", "digits=3, ops=+-*,terms=3") == {**T.TASKS["arith"].options, "digits": 3,
                                                                      "ops": "+-*", "terms": 3}
-    assert T.parse_options("gsm8k", "") == {}
+    assert T.parse_options("gsm8k", "") == {"tools": "none", "calls": 4}
+    assert T.parse_options("gsm8k", "tools=calc") == {"tools": "calc", "calls": 4}
     with pytest.raises(T.TaskError, match="bad task option 'depth=2' for arith; options"):
         T.parse_options("arith", "depth=2")
     with pytest.raises(T.TaskError, match="bad task option 'digits' for arith"):
         T.parse_options("arith", "digits")
     with pytest.raises(T.TaskError, match=r"digits='two' is not a valid int"):
         T.parse_options("arith", "digits=two")
-    with pytest.raises(T.TaskError, match="options \\(with defaults\\): none"):
+    with pytest.raises(T.TaskError, match="options \\(with defaults\\): tools=none, calls=4"):
         T.parse_options("gsm8k", "digits=2")
 
 
