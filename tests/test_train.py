@@ -880,7 +880,6 @@ def tool_task(monkeypatch):
 
 
 def test_a_tool_task_trains_on_episodes_logs_its_calls_and_resumes_exactly(tiny_ckpt, data_dir, tmp_path, tool_task):
-    import calc as C
     import rollouts
     out = tmp_path / "run"
     train.main(["--task", "tool", "--task-opts", "tools=calc,calls=2", "--steps", "4", "--save-every", "2",
@@ -909,7 +908,7 @@ def test_a_tool_task_trains_on_episodes_logs_its_calls_and_resumes_exactly(tiny_
     assert all({"transcript", "calls", "question", "gold"} <= set(r) for r in ev)
     assert all(w in ("model", "tool") for r in ev for w, _ in r["transcript"])
     e = json.loads(open(out / "eval.jsonl").readlines()[-1])
-    assert {"acc_strict", "tool/calls", "tool/error_rate"} <= set(e) and C.MAX_CALLS  # the summary has the ratios
+    assert {"acc_strict", "tool/calls", "tool/error_rate"} <= set(e)  # the summary has the ratios
     # a crash after step 2's checkpoint: the resumed steps equal the uninterrupted ones, rollout log included
     log = (out / "rollouts.jsonl").read_text()
     shutil.rmtree(out / "step-4")
