@@ -272,19 +272,21 @@ def generate(model, prompts, G, max_new_tokens, temperature=1.0, top_p=1.0, top_
             u = uniforms(generator, N, dev)[rows] if temperature else None  # all N drawn: streams never shift
             tok, lp = sample_token(logits, temperature, top_k, top_p, u, vocab_size, cdf[:len(rows)])  # (n,) each
             tok = tok.masked_fill(fin, pad_id)  # finished rows still in the batch emit pad, outside the mask
-            fed = feed(queue, rows, tok) if queue else None  # (n,) bool: rows given an injected id this step
-            fed = torch.zeros_like(fin) if fed is None else fed
-            forced[rows, t] = fed
+            # rows given an injected id this step (n,) bool; plain sampling (no queue) adds no op per step
+            fed = feed(queue, rows, tok) if queue else None
+            done = fin if fed is None else fin | fed
+            if fed is not None:
+                forced[rows, t] = fed
             out[rows, t] = tok
-            lps[rows, t] = lp.masked_fill(fin | fed, 0.0)
-            hit = torch.isin(tok, stops) & ~fin & ~fed  # a stop id in the prompt never gets here: only sampled ids
+            lps[rows, t] = lp.masked_fill(done, 0.0)
+            hit = torch.isin(tok, stops) & ~done  # a stop id in the prompt never gets here: only sampled ids
             length[rows] = torch.where(hit, t + 1, length[rows])
             stopped[rows] |= hit
             fin |= hit
             # host work, every step: a row whose text just completed a stop text pauses (not at the budget's last
             # token: nothing could be fed after it, so that turn ends cut, as any other)
             if stop_texts and t + 1 < max_new_tokens:
-                for b, r in paused_rows(out, rows, fin | fed, seg, t, w, stop_texts, decode):
+                for b, r in paused_rows(out, rows, fin if fed is None else fin | fed, seg, t, w, stop_texts, decode):
                     more = inject(r, out[r, seg[r]:t + 1].tolist()) if inject else None
                     if more:
                         queue[r], seg[r] = list(more), t + 1 + len(more)
